@@ -1,0 +1,445 @@
+"""Golden harness: every `*.json` case in $ADM_GOLDEN_DIR (default ../shared/golden), dispatched
+on its `kind`, every output array compared at the json's tolerances.
+
+No case-specific code: networks, diffusions, timesteps and settings all come from the json. An
+unknown kind, a missing array or an output no checker produces is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adm import data, diffusion, flags, guidance, sampling
+from adm.diffusion import Diffusion
+from adm.nn import qkv_attention, timestep_embedding
+from adm.schedule import NoiseSchedule, named_betas, space_timesteps
+from conftest import golden_dir
+
+
+class Case:
+    """One fixture: the json description and its npz arrays."""
+
+    def __init__(self, path: Path):
+        self.meta = json.loads(path.read_text())
+        npz_path = path.with_suffix(".npz")
+        self.arrays = dict(np.load(npz_path)) if npz_path.exists() else {}
+        self.params = {**self.meta.get("config", {}), **self.meta.get("params", {})}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.arrays:
+            pytest.fail(f"array {name!r} is missing from the fixture")
+        return torch.from_numpy(self.arrays[name])
+
+    def has(self, name: str) -> bool:
+        return name in self.arrays
+
+    def output_names(self) -> list[str]:
+        return [n for n in self.meta["arrays"] if n.startswith("output/")]
+
+    def network(self, name: str) -> torch.nn.Module:
+        spec = self.meta["models"][name]
+        config = flags.config_from_constructor(spec["class"], spec["kwargs"])
+        if spec.get("create_function") == "create_model":
+            # Built through the original flag helper: our flag translation must agree.
+            assert flags.unet_from_flags(spec["create_flags"]) == config
+        net = flags.build_network(spec["class"], config)
+        prefix = spec["state_dict_prefix"]
+        state = {
+            k[len(prefix) :]: torch.from_numpy(v)
+            for k, v in self.arrays.items()
+            if k.startswith(prefix)
+        }
+        keys = [(k, list(v.shape)) for k, v in net.state_dict().items()]
+        assert keys == [tuple(e) for e in spec["state_dict_keys"]]
+        net.load_state_dict(state, strict=True)
+        assert sum(p.numel() for p in net.parameters()) == spec["num_parameters"]
+        return net.eval()
+
+    def diffusion(self, name: str) -> Diffusion:
+        spec = self.meta["diffusions"][name]
+        config = flags.diffusion_from_flags(spec["create_gaussian_diffusion"])
+        config = flags.apply_overrides(config, spec.get("overrides", {}))
+        diff = Diffusion.from_config(config)
+        resolved = spec["resolved"]
+        assert diff.mean_type == flags._MEAN_TYPES[resolved["model_mean_type"]]
+        assert diff.var_type == flags._VAR_TYPES[resolved["model_var_type"]]
+        assert diff.loss_type == flags._LOSS_TYPES[resolved["loss_type"]]
+        assert diff.schedule.timestep_map.tolist() == resolved["timestep_map"]
+        assert diff.schedule.original_num_steps == resolved["original_num_steps"]
+        return diff
+
+
+def model_fn_for(net: torch.nn.Module, y: torch.Tensor | None, **cond) -> Callable:
+    """The sampling scripts' model_fn: labels only for class-conditional networks."""
+    conditional = getattr(getattr(net, "config", None), "num_classes", None) is not None
+
+    def model_fn(x, t, **_):
+        return net(x, t, **cond, **({"y": y} if conditional else {}))
+
+    return model_fn
+
+
+def stack_loop(steps: Iterator[sampling.SampleStep]) -> tuple[torch.Tensor, torch.Tensor]:
+    steps = list(steps)
+    return torch.stack([s.sample for s in steps]), torch.stack([s.pred_x0 for s in steps])
+
+
+def scale_name(scale: float) -> str:
+    return f"scale_{float(scale)}"
+
+
+# ---- one checker per kind: Case -> {output name: computed tensor} --------------------------------
+
+
+def check_schedules(case: Case) -> dict:
+    out = {}
+    p = case.params
+    for name, steps in p["full_schedules"]:
+        sched = NoiseSchedule.from_name(name, steps)
+        prefix = f"output/{name}_T{steps}/"
+        for array in case.output_names():
+            if array.startswith(prefix):
+                out[array] = torch.from_numpy(np.asarray(getattr(sched, array[len(prefix) :])))
+    for name, steps in p["betas_only"]:
+        out[f"output/{name}_T{steps}/betas"] = torch.from_numpy(named_betas(name, steps))
+    for steps, spec in p["respacings"]:
+        kept = space_timesteps(steps, spec)
+        out[f"output/space_timesteps/T{steps}/{spec}"] = torch.tensor(kept, dtype=torch.int64)
+    for name, steps, spec in p["spaced"]:
+        sched = NoiseSchedule.from_name(name, steps).respace(spec)
+        for table in ("timestep_map", "betas", "alphas_cumprod", "posterior_log_variance_clipped"):
+            value = torch.from_numpy(np.asarray(getattr(sched, table)))
+            out[f"output/spaced/{name}_T{steps}_{spec}/{table}"] = value
+    for steps, spec, _reason in case.meta["expected_errors"]:
+        with pytest.raises(ValueError, match=re.escape(spec)):
+            NoiseSchedule.from_name("linear", steps).respace(spec)
+    return out
+
+
+def check_primitives(case: Case) -> dict:
+    p = case.params
+    out = {}
+    for dim in p["emb_dims"]:
+        for period in p["max_periods"]:
+            emb = timestep_embedding(case["input/timesteps"], dim, period)
+            out[f"output/timestep_embedding/dim{dim}_maxperiod{period}"] = emb
+    m1, lv1, m2, lv2 = (case[f"input/kl_{n}"] for n in ("mean1", "logvar1", "mean2", "logvar2"))
+    out["output/normal_kl"] = diffusion.normal_kl(m1, lv1, m2, lv2)
+    out["output/normal_kl_vs_standard"] = diffusion.normal_kl(m1, lv1, 0.0, 0.0)
+    out["output/approx_standard_normal_cdf"] = diffusion.approx_standard_normal_cdf(
+        case["input/cdf_x"]
+    )
+    out["output/discretized_gaussian_log_likelihood"] = (
+        diffusion.discretized_gaussian_log_likelihood(
+            case["input/dgll_x"],
+            means=case["input/dgll_means"],
+            log_scales=case["input/dgll_log_scales"],
+        )
+    )
+    qkv = case["input/qkv"]
+    out["output/qkv_attention_new_order"] = qkv_attention(qkv, p["n_heads"], legacy=False)
+    out["output/qkv_attention_legacy"] = qkv_attention(qkv, p["n_heads"], legacy=True)
+    return out
+
+
+def check_unet_forward(case: Case) -> dict:
+    net = case.network("model")
+    y = case["input/y"] if case.has("input/y") else None
+    model_fn = model_fn_for(net, y)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = {
+        "debug/time_embed": net.time_embed,
+        "debug/last_input_block": net.input_blocks[-1],
+        "debug/middle_block": net.middle_block,
+        "debug/first_output_block": net.output_blocks[0],
+    }
+    handles = [
+        module.register_forward_hook(lambda _m, _i, o, name=name: captured.setdefault(name, o))
+        for name, module in hooks.items()
+    ]
+    with torch.no_grad():
+        out = {"output/model_output": model_fn(case["input/x"], case["input/t"])}
+        for h in handles:
+            h.remove()
+        out["output/model_output_float_t"] = model_fn(case["input/x"], case["input/t_float"])
+    return {**out, **captured}
+
+
+def check_classifier(case: Case) -> dict:
+    clf = case.network("classifier")
+    x, t, y = case["input/x"], case["input/t_classifier"], case["input/y"]
+    with torch.no_grad():
+        out = {"output/classifier_logits": clf(x, t)}
+    for scale in case.params["scales"]:
+        cond_fn = guidance.classifier_cond_fn(clf, scale)
+        out[f"output/cond_fn_grad/{scale_name(scale)}"] = cond_fn(x, t, y=y)
+    return out
+
+
+def check_superres(case: Case) -> dict:
+    from adm.unet import upsample_low_res
+
+    net = case.network("model")
+    x, low_res = case["input/x"], case["input/low_res"]
+    model_fn = model_fn_for(net, case["input/y"] if case.has("input/y") else None, low_res=low_res)
+    out = {
+        "output/low_res_from_area_downsample": data.downsample_area(
+            case["input/x_large"], case.params["small_size"]
+        ),
+        "debug/low_res_upsampled": upsample_low_res(low_res, x.shape[-2:]),
+    }
+    with torch.no_grad():
+        out["output/model_output"] = model_fn(x, case["input/t"])
+        ddim = case.diffusion("ddim")
+        sample, pred = sampling.ddim_step(model_fn, ddim, x, case["input/t_ddim"])
+        out["output/ddim_step/sample"], out["output/ddim_step/pred_xstart"] = sample, pred
+        ddpm = case.diffusion("ddpm")
+        sample, pred = sampling.ddpm_step(
+            model_fn, ddpm, x, case["input/t_ddpm"], noise=case["input/step_noise"]
+        )
+        out["output/ddpm_step/sample"], out["output/ddpm_step/pred_xstart"] = sample, pred
+    return out
+
+
+def _pmv(prefix: str, pmv: diffusion.PMeanVar) -> dict:
+    return {
+        f"{prefix}/mean": pmv.mean,
+        f"{prefix}/variance": pmv.variance,
+        f"{prefix}/log_variance": pmv.log_variance,
+        f"{prefix}/pred_xstart": pmv.pred_x0,
+    }
+
+
+def check_diffusion_learned(case: Case) -> dict:
+    net = case.network("model")
+    model_fn = model_fn_for(net, None)
+    x0, t, noise = case["input/x_start"], case["input/t"], case["input/noise"]
+    diff = case.diffusion("hybrid_mse")
+    out: dict[str, torch.Tensor] = {}
+    q = diffusion.q_mean_variance(diff, x0, t)
+    out.update(zip(("output/q_mean", "output/q_variance", "output/q_log_variance"), q, strict=True))
+    x_t = diffusion.q_sample(diff, x0, t, noise)
+    out["output/x_t"] = x_t
+    post = diffusion.q_posterior(diff, x0, x_t, t)
+    names = ("mean", "variance", "log_variance_clipped")
+    out.update({f"output/q_posterior_{n}": v for n, v in zip(names, post, strict=True)})
+    with torch.no_grad():
+        raw = model_fn(x_t, diff.schedule.network_timesteps(t))
+    out["output/model_raw_output"] = raw
+    pmv = diffusion.p_mean_variance
+    out.update(_pmv("output/p_mean_variance_clip", pmv(diff, raw, x_t, t)))
+    out.update(_pmv("output/p_mean_variance_noclip", pmv(diff, raw, x_t, t, clip_denoised=False)))
+    denoised = pmv(diff, raw, x_t, t, denoised_fn=lambda z: 0.9 * z)
+    out.update(_pmv("output/p_mean_variance_denoised_fn", denoised))
+    plain = pmv(case.diffusion("learned_plain"), raw, x_t, t)
+    out.update(_pmv("output/p_mean_variance_learned_plain", plain))
+    out["output/vb_terms_bpd"] = diffusion.vb_terms_bpd(diff, raw, x0, x_t, t, clip_denoised=False)[
+        0
+    ]
+    for name in case.meta["diffusions"]:
+        prefix = f"output/training_losses/{name}/"
+        if not any(a.startswith(prefix) for a in case.output_names()):
+            continue
+        d = case.diffusion(name)
+        losses = diffusion.losses_from_output(d, raw, x0, x_t, t, noise)
+        out.update({prefix + k: v for k, v in losses.items()})
+        leaf = raw.clone().requires_grad_(True)
+        total = diffusion.losses_from_output(d, leaf, x0, x_t, t, noise)["loss"].sum()
+        (out[f"output/grad_loss_wrt_model_output/{name}"],) = torch.autograd.grad(total, leaf)
+    out["output/prior_bpd"] = diffusion.prior_bpd(diff, x0)
+    bpd = diffusion.calc_bpd_loop(
+        case.diffusion("bpd"), model_fn, case["input/bpd_x_start"], noises=case["input/bpd_noises"]
+    )
+    out.update({f"output/calc_bpd_loop/{k}": v for k, v in bpd.items()})
+    return out
+
+
+def check_diffusion_fixed(case: Case) -> dict:
+    net = case.network("model")
+    model_fn = model_fn_for(net, None)
+    x0, noise = case["input/x_start"], case["input/noise"]
+    out: dict[str, torch.Tensor] = {}
+    for name in case.meta["diffusions"]:
+        diff, t = case.diffusion(name), case[f"input/t_{name}"]
+        x_t = diffusion.q_sample(diff, x0, t, noise)
+        out[f"output/{name}/x_t"] = x_t
+        out[f"output/{name}/model_timesteps"] = diff.schedule.network_timesteps(t)
+        with torch.no_grad():
+            pmv = sampling.model_p_mean_variance(diff, model_fn, x_t, t)
+            losses = diffusion.training_losses(diff, model_fn, x0, t, noise=noise)
+        out.update(_pmv(f"output/{name}/p_mean_variance", pmv))
+        out.update({f"output/{name}/training_losses/{k}": v for k, v in losses.items()})
+    return out
+
+
+def check_samplers(case: Case) -> dict:
+    net = case.network("model")
+    model_fn = model_fn_for(net, None)
+    ddpm, ddim = case.diffusion("ddpm"), case.diffusion("ddim")
+    x, noise, init = case["input/x"], case["input/step_noise"], case["input/init_noise"]
+    t_step, t_ddim = case["input/t_step"], case["input/t_ddim_step"]
+    eta = case.params["ddim_eta"]
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        pmv = sampling.model_p_mean_variance(ddpm, model_fn, x, t_step)
+        out.update(_pmv("output/ddpm_step/p_mean_variance", pmv))
+        s, p = sampling.ddpm_step(model_fn, ddpm, x, t_step, noise=noise)
+        out["output/ddpm_step/sample"], out["output/ddpm_step/pred_xstart"] = s, p
+        s, p = sampling.ddim_step(model_fn, ddim, x, t_ddim, eta=eta, noise=noise)
+        out["output/ddim_step_eta/sample"], out["output/ddim_step_eta/pred_xstart"] = s, p
+        s, p = sampling.ddim_reverse_step(model_fn, ddim, x, t_ddim)
+        out["output/ddim_reverse_step/sample"], out["output/ddim_reverse_step/pred_xstart"] = s, p
+    loops = {
+        "ddpm_loop": sampling.ddpm_sample_progressive(
+            model_fn, ddpm, init, step_noises=case["input/ddpm_loop_noises"]
+        ),
+        "ddim_loop_eta0_clip": sampling.ddim_sample_progressive(model_fn, ddim, init),
+        "ddim_loop_eta0_noclip": sampling.ddim_sample_progressive(
+            model_fn, ddim, init, clip_denoised=False
+        ),
+    }
+    if case.has("input/ddim_loop_noises"):
+        loops["ddim_loop_eta"] = sampling.ddim_sample_progressive(
+            model_fn, ddim, init, eta=eta, step_noises=case["input/ddim_loop_noises"]
+        )
+    for name, steps in loops.items():
+        out[f"output/{name}/samples"], out[f"output/{name}/pred_xstart"] = stack_loop(steps)
+    return out
+
+
+def check_guidance(case: Case) -> dict:
+    net, clf = case.network("model"), case.network("classifier")
+    y = case["input/y"]
+    model_fn = model_fn_for(net, y)
+    kwargs = {"y": y}
+    p = case.params
+    out = {}
+    with torch.no_grad():
+        out["output/classifier_logits"] = clf(case["input/x"], case["input/t_classifier"])
+
+    def recording(scale: float) -> tuple[Callable, list, list]:
+        inner = guidance.classifier_cond_fn(clf, scale)
+        seen_t, grads = [], []
+
+        def cond_fn(x, t, **kw):
+            seen_t.append(t)
+            grads.append(inner(x, t, **kw))
+            return grads[-1]
+
+        return cond_fn, seen_t, grads
+
+    ddpm, ddim = case.diffusion("ddpm"), case.diffusion("ddim")
+    x_step, t_step, t_ddim = case["input/x_step"], case["input/t_step"], case["input/t_ddim_step"]
+    for scale in p["scales"]:
+        s = scale_name(scale)
+        out[f"output/cond_fn_grad/{s}"] = guidance.classifier_cond_fn(clf, scale)(
+            case["input/x"], case["input/t_classifier"], y=y
+        )
+        with torch.no_grad():
+            pmv = sampling.model_p_mean_variance(
+                ddpm, model_fn, x_step, t_step, model_kwargs=kwargs
+            )
+            out["output/ddpm_step/unguided_mean"] = pmv.mean
+            out["output/ddpm_step/variance"] = pmv.variance
+            cond_fn, seen_t, grads = recording(scale)
+            sample, _ = sampling.ddpm_step(
+                model_fn, ddpm, x_step, t_step, noise=case["input/step_noise"],
+                cond_fn=cond_fn, model_kwargs=kwargs,
+            )  # fmt: skip
+            out[f"output/ddpm_step/{s}/sample"] = sample
+            out[f"output/ddpm_step/{s}/gradient"] = grads[0]
+            out[f"output/ddpm_step/{s}/cond_fn_timesteps"] = seen_t[0]
+            cond_fn, seen_t, _ = recording(scale)
+            pmv = sampling.model_p_mean_variance(
+                ddim, model_fn, x_step, t_ddim, model_kwargs=kwargs
+            )
+            guided = sampling.condition_score(ddim, cond_fn, pmv, x_step, t_ddim, kwargs)
+            out[f"output/condition_score/{s}/pred_xstart"] = guided.pred_x0
+            out[f"output/condition_score/{s}/mean"] = guided.mean
+            out[f"output/condition_score/{s}/cond_fn_timesteps"] = seen_t[0]
+    init = case["input/init_noise"]
+    for scale in p["ddim_loop_scales"]:
+        cond_fn, seen_t, _ = recording(scale)
+        loop = sampling.ddim_sample_progressive(
+            model_fn, ddim, init, cond_fn=cond_fn, model_kwargs=kwargs
+        )
+        prefix = f"output/guided_ddim_loop/{scale_name(scale)}"
+        out[f"{prefix}/samples"], out[f"{prefix}/pred_xstart"] = stack_loop(loop)
+        out[f"{prefix}/cond_fn_timesteps"] = torch.stack(seen_t)
+    cond_fn, seen_t, _ = recording(p["ddpm_loop_scale"])
+    loop = sampling.ddpm_sample_progressive(
+        model_fn, ddpm, init, cond_fn=cond_fn, model_kwargs=kwargs,
+        step_noises=case["input/ddpm_loop_noises"],
+    )  # fmt: skip
+    prefix = f"output/guided_ddpm_loop/{scale_name(p['ddpm_loop_scale'])}"
+    out[f"{prefix}/samples"], out[f"{prefix}/pred_xstart"] = stack_loop(loop)
+    out[f"{prefix}/cond_fn_timesteps"] = torch.stack(seen_t)
+    return out
+
+
+def check_image_preprocessing(case: Case) -> dict:
+    out = {}
+    for i, size in enumerate(case.params["target_sizes"]):
+        image = Image.fromarray(case.arrays[f"input/image_{i}"], mode="RGB")
+        crop = data.center_crop_arr(image, size)
+        out[f"output/center_crop_{i}"] = torch.from_numpy(np.ascontiguousarray(crop))
+        out[f"output/center_crop_{i}_chw_float"] = torch.from_numpy(data.to_chw_float(crop))
+    return out
+
+
+CHECKERS: dict[str, Callable[[Case], dict]] = {
+    "schedules": check_schedules,
+    "primitives": check_primitives,
+    "unet_forward": check_unet_forward,
+    "classifier": check_classifier,
+    "superres": check_superres,
+    "diffusion_learned": check_diffusion_learned,
+    "diffusion_fixed": check_diffusion_fixed,
+    "samplers": check_samplers,
+    "guidance": check_guidance,
+    "image_preprocessing": check_image_preprocessing,
+}
+
+
+def _case_paths() -> list[Path]:
+    root = golden_dir()
+    return sorted(root.glob("*.json")) if root.is_dir() else [root / "MISSING.json"]
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("path", _case_paths(), ids=lambda p: p.stem)
+def test_golden(path: Path) -> None:
+    if not path.exists():
+        pytest.fail(f"golden folder {path.parent} not found: set ADM_GOLDEN_DIR")
+    case = Case(path)
+    kind = case.meta["kind"]
+    if kind not in CHECKERS:
+        pytest.fail(f"unknown golden kind {kind!r} in {path.name}")
+    torch.manual_seed(0)
+    computed = CHECKERS[kind](case)
+    unchecked = sorted(set(case.output_names()) - set(computed))
+    assert not unchecked, f"{path.stem}: outputs not produced by the checker: {unchecked}"
+    tolerances = case.meta.get("tolerances", {})
+    for name, actual in computed.items():
+        if name not in case.meta["arrays"]:
+            continue  # a by-product this fixture does not store (e.g. an extra loop output)
+        expected = case[name]
+        actual = actual.detach()
+        if not expected.is_floating_point():
+            assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}"
+            assert torch.equal(actual, expected), f"{path.stem}: {name} differs"
+            continue
+        tol = tolerances.get(name)
+        assert tol is not None, f"{path.stem}: no tolerance for float output {name}"
+        torch.testing.assert_close(
+            actual.to(expected.dtype), expected, rtol=tol["rtol"], atol=tol["atol"],
+            msg=lambda m, name=name: f"{path.stem}: {name}: {m}",
+        )  # fmt: skip
