@@ -33,11 +33,11 @@ def _add_flags_command(sub: argparse._SubParsersAction) -> None:
         help="translate the original's flag line into adm's typed configs and print them",
         description=(
             "Paste a flag line of openai/guided-diffusion (e.g. MODEL_FLAGS + DIFFUSION_FLAGS) and "
-            "see the network and diffusion configs adm resolves from it."
+            "see the network and diffusion configs adm resolves from it, e.g. "
+            "`adm flags --image_size 256 --num_channels 256 --attention_resolutions 32,16,8`."
         ),
     )
-    p.add_argument("flag_line", nargs=argparse.REMAINDER, help="--num_channels 256 ... (verbatim)")
-    p.set_defaults(func=_cmd_flags)
+    p.set_defaults(func=_cmd_flags, accepts_original_flags=True)
 
 
 def _cmd_flags(args: argparse.Namespace) -> int:
@@ -47,7 +47,7 @@ def _cmd_flags(args: argparse.Namespace) -> int:
     from adm import flags
 
     try:
-        parsed = flags.parse_flag_line(args.flag_line)
+        parsed = flags.parse_flag_line(args.original_flags)
         model_cfg, diffusion_cfg = flags.model_and_diffusion_from_flags(parsed)
     except ValueError as err:
         raise UserError(str(err)) from err
@@ -65,7 +65,11 @@ def _cmd_flags(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    # Commands that accept the original's flag lines verbatim get the unparsed rest.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "accepts_original_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.original_flags = rest
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
