@@ -1,8 +1,10 @@
-"""Guidance (Dhariwal & Nichol 2021 §4): classifier guidance as a `cond_fn` for every sampler.
+"""Guidance (Dhariwal & Nichol 2021 §4; Ho & Salimans 2021): classifier and classifier-free.
 
 `classifier_cond_fn(classifier, scale)` returns `cond_fn(x_t, t, y=...)` = scale·∇_x log p(y|x_t)
 from a noisy classifier that receives the original timesteps. Samplers apply it as a mean shift
-(ancestral, Algorithm 1) or a noise shift (DDIM and ODE solvers, Algorithm 2). Needs only torch.
+(ancestral, Algorithm 1) or a noise shift (DDIM and ODE solvers, Algorithm 2).
+`classifier_free_model_fn(model_fn, w, null_label=...)` wraps a label-dropout-trained model.
+Both work with every sampler, together too. Needs only torch.
 """
 
 from __future__ import annotations
@@ -34,3 +36,29 @@ def classifier_cond_fn(
         return grad * scale
 
     return cond_fn
+
+
+def classifier_free_model_fn(
+    model_fn: Callable[..., Tensor], scale: float, *, null_label: int
+) -> Callable[..., Tensor]:
+    """Classifier-free guidance (Ho & Salimans 2021) as a `model_fn` wrapper.
+
+    Returns `guided(x_t, t, y, **kw)` whose noise channels are ε_u + w·(ε_c − ε_u) with w =
+    `scale` (w = 1: conditional, w = 0: unconditional), computed in ONE batched forward of
+    [conditional; unconditional] halves; the unconditional half gets `null_label`. Learned-Σ
+    channels (beyond the image channels) are taken from the conditional pass. Works with every
+    sampler and composes with `classifier_cond_fn`.
+    """
+
+    def guided(x_t: Tensor, t: Tensor, y: Tensor | None = None, **kwargs: Tensor) -> Tensor:
+        if y is None:
+            raise ValueError("classifier-free guidance needs labels: pass y=... in model_kwargs")
+        n, channels = x_t.shape[0], x_t.shape[1]
+        null = torch.full_like(y, null_label)
+        doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+        out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, null]), **doubled)
+        cond, uncond = out[:n], out[n:]
+        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return guided
