@@ -1,0 +1,143 @@
+"""Network primitives: timestep embedding, float32 GroupNorm, zero init, both head orders."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adm.nn import GroupNorm32, normalization, qkv_attention, timestep_embedding, zero_module
+
+
+def _load_case(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = json.loads((root / f"{name}.json").read_text())
+    with np.load(root / f"{name}.npz") as npz:
+        arrays = {key: torch.from_numpy(npz[key]) for key in npz.files}
+    return meta, arrays
+
+
+def _check(actual: torch.Tensor, meta: dict, arrays: dict, name: str) -> None:
+    tol = meta["tolerances"][name]
+    torch.testing.assert_close(actual, arrays[name], rtol=tol["rtol"], atol=tol["atol"])
+
+
+def _einsum_attention(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tensor:
+    """Attention written the long way: scaled q.k, float32 softmax over keys, weighted sum of v."""
+    b, width, length = qkv.shape
+    ch = width // (3 * heads)
+    if legacy:
+        q, k, v = qkv.reshape(b * heads, 3 * ch, length).split(ch, dim=1)
+    else:
+        q, k, v = (part.reshape(b * heads, ch, length) for part in qkv.chunk(3, dim=1))
+    weight = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
+    weight = torch.softmax(weight.float(), dim=-1).to(qkv.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(b, heads * ch, length)
+
+
+@pytest.mark.golden
+def test_primitives_match_reference(golden_root: Path) -> None:
+    meta, arrays = _load_case(golden_root, "primitives")
+    assert meta["kind"] == "primitives"
+    checked = set()
+    t = arrays["input/timesteps"]
+    for dim in meta["params"]["emb_dims"]:
+        for max_period in meta["params"]["max_periods"]:
+            name = f"output/timestep_embedding/dim{dim}_maxperiod{max_period}"
+            emb = timestep_embedding(t, dim, max_period=max_period)
+            assert emb.dtype == torch.float32
+            _check(emb, meta, arrays, name)
+            checked.add(name)
+    heads = meta["params"]["n_heads"]
+    for legacy, name in [
+        (False, "output/qkv_attention_new_order"),
+        (True, "output/qkv_attention_legacy"),
+    ]:
+        _check(qkv_attention(arrays["input/qkv"], heads, legacy=legacy), meta, arrays, name)
+        checked.add(name)
+    # Every network-primitive output of the case is checked (the others belong to the diffusion).
+    outputs = {n for n in arrays if n.startswith("output/")}
+    assert {n for n in outputs if "timestep_embedding" in n or "qkv_attention" in n} == checked
+
+
+def test_timestep_embedding_layout() -> None:
+    t = torch.tensor([0, 3, 999])
+    emb = timestep_embedding(t, 8)
+    assert emb.shape == (3, 8) and emb.dtype == torch.float32
+    # t = 0: cos(0) = 1 first, sin(0) = 0 second.
+    assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.exp(-math.log(10000) * torch.arange(4, dtype=torch.float32) / 4)
+    torch.testing.assert_close(emb[1, :4], torch.cos(3 * freqs))
+    torch.testing.assert_close(emb[1, 4:], torch.sin(3 * freqs))
+    odd = timestep_embedding(t, 9)
+    assert odd.shape == (3, 9) and torch.equal(odd[:, -1], torch.zeros(3))
+    assert torch.equal(odd[:, :8], emb)
+    # Integer and integral float timesteps give the same embedding; fractions are honoured.
+    assert torch.equal(timestep_embedding(t.float(), 8), emb)
+    assert not torch.equal(
+        timestep_embedding(torch.tensor([2.5]), 8), timestep_embedding(t[1:2], 8)
+    )
+
+
+def test_group_norm32_computes_in_float32() -> None:
+    norm = normalization(64)
+    assert isinstance(norm, GroupNorm32) and norm.num_groups == 32 and norm.eps == 1e-5
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 64, 4, 4) * 30 + 7).bfloat16()
+    ref = torch.nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias, 1e-5)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.bfloat16())
+    assert torch.equal(norm(x.float()), ref)
+    assert norm(x.double()).dtype == torch.float64
+
+
+def test_zero_module() -> None:
+    conv = torch.nn.Conv2d(4, 4, 3)
+    assert zero_module(conv) is conv
+    assert all(torch.count_nonzero(p) == 0 for p in conv.parameters())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    ch=st.sampled_from([1, 4, 8, 16]),
+    length=st.integers(1, 20),
+    legacy=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_qkv_attention_equals_einsum(batch, heads, ch, length, legacy, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, 3 * heads * ch, length, generator=gen)
+    out = qkv_attention(qkv, heads, legacy=legacy)
+    assert out.shape == (batch, heads * ch, length)
+    torch.testing.assert_close(out, _einsum_attention(qkv, heads, legacy), rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_head_orders() -> None:
+    qkv = torch.randn(2, 3 * 4 * 8, 10)
+    # One head: both layouts read [q | k | v].
+    one = torch.randn(2, 3 * 8, 10)
+    assert torch.equal(qkv_attention(one, 1, legacy=True), qkv_attention(one, 1, legacy=False))
+    # Several heads: the layouts differ, and the result differs.
+    diff = qkv_attention(qkv, 4, legacy=True) - qkv_attention(qkv, 4, legacy=False)
+    assert diff.abs().max() > 1e-2
+
+
+def test_qkv_attention_dtype_and_errors() -> None:
+    qkv = torch.randn(2, 48, 16)
+    out = qkv_attention(qkv.bfloat16(), 2, legacy=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.float(), qkv_attention(qkv, 2, legacy=True), rtol=0.05, atol=0.05
+    )
+    with pytest.raises(ValueError, match="divisible"):
+        qkv_attention(torch.randn(1, 50, 4), 2, legacy=False)
