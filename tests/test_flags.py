@@ -77,3 +77,13 @@ def test_cli_flags_prints_resolved_configs(capsys):
     assert printed["model"]["attention_ds"] == [8, 16, 32]
     assert cli.main(["flags", "--num_chanels", "3"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_constructor_kwargs_left_out_take_the_original_defaults():
+    clf = flags.config_from_constructor(
+        "EncoderUNetModel",
+        {"image_size": 16, "in_channels": 3, "model_channels": 32, "out_channels": 10,
+         "num_res_blocks": 1, "attention_resolutions": [2]},
+    )  # fmt: skip
+    assert clf.pool == "adaptive" and clf.num_head_channels is None
+    assert not clf.use_scale_shift_norm and not clf.resblock_updown

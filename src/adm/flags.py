@@ -289,6 +289,23 @@ def model_and_diffusion_from_flags(
 
 # ---- the original's constructor kwargs (UNetModel / SuperResModel / EncoderUNetModel) ------------
 
+_UNET_MODEL_DEFAULTS: dict[str, Any] = {
+    "dropout": 0.0,
+    "channel_mult": (1, 2, 4, 8),
+    "conv_resample": True,
+    "use_checkpoint": False,
+    "num_heads": 1,
+    "num_head_channels": -1,
+    "use_scale_shift_norm": False,
+    "resblock_updown": False,
+    "use_new_attention_order": False,
+}
+ORIGINAL_CONSTRUCTOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "UNetModel": {**_UNET_MODEL_DEFAULTS, "num_classes": None, "num_heads_upsample": -1},
+    "SuperResModel": {**_UNET_MODEL_DEFAULTS, "num_classes": None, "num_heads_upsample": -1},
+    "EncoderUNetModel": {**_UNET_MODEL_DEFAULTS, "pool": "adaptive"},
+}
+
 _COMMON_KWARGS = {
     "image_size": "image_size",
     "in_channels": "in_channels",
@@ -310,7 +327,9 @@ def config_from_constructor(
 ) -> UNetConfig | ClassifierConfig:
     """The original class name ("UNetModel", "SuperResModel", "EncoderUNetModel") and its
     constructor kwargs -> our config (attention_resolutions there are downsample factors)."""
-    kwargs = dict(kwargs)
+    # Arguments left out take the original constructor's defaults, which differ from our
+    # classifier defaults (those follow the released classifiers).
+    kwargs = {**ORIGINAL_CONSTRUCTOR_DEFAULTS.get(class_name, {}), **kwargs}
     if kwargs.pop("dims", 2) != 2:
         raise ValueError("only 2-D networks are supported (dims=2)")
     kwargs.pop("use_fp16", None)  # precision is chosen at run time (torch.amp), not in the config
