@@ -1,0 +1,305 @@
+"""`adm train`, `adm train-classifier`, `adm train-superres`: argument parsing for training.
+
+Resolves the preset (a name, a checkpoint to fine-tune, or the original's model flags), the
+`--set` overrides and the original training scripts' flags (`--lr_anneal_steps`, `--ema_rate`,
+`--batch_size` per rank, ...), then makes one call: `adm.train.prepare` and `adm.train.train`.
+Registered by `adm.cli`; run under `torchrun --nproc_per_node N` for several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from adm.errors import UserError
+
+EXAMPLES = """examples:
+  adm train --preset tiny_diffusion --data images/ --out runs/tiny --steps 2000 --fit-classes
+  adm train --data imagenet/train --out runs/64 --preset 64x64_diffusion --steps 540000 \\
+      --batch-size 2048 --lr 3e-4 --ema-rate 0.9999 --precision bf16
+  torchrun --nproc_per_node 8 -m adm.cli train --preset 256x256_diffusion_uncond \\
+      --init-from 256x256_diffusion_uncond --data faces/ --out runs/ft --steps 20000 --lr 1e-5
+  adm train --data_dir images/ --out runs/orig --steps 1000 \\
+      --image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True   (original flags)
+  adm train-classifier --preset tiny_classifier --data images/ --out runs/clf --steps 500 \\
+      --fit-classes --anneal-lr
+"""
+
+KINDS = {"train": "diffusion", "train-superres": "superres", "train-classifier": "classifier"}
+
+# The original scripts' own flags (image_train.py, super_res_train.py, classifier_train.py).
+_SCRIPT_FLAGS = {
+    "data_dir", "val_data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps",
+    "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval", "eval_interval",
+    "resume_checkpoint", "use_fp16", "fp16_scale_growth", "noised", "iterations", "anneal_lr",
+    "classifier_use_fp16",
+}  # fmt: skip
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    helps = {
+        "train": "train a diffusion model (the paper's recipe; torchrun for several GPUs)",
+        "train-classifier": "train a noisy classifier for guidance (top-1/top-5 on held-out data)",
+        "train-superres": "train a super-resolution diffusion model (area-downsampled inputs)",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(
+            name, help=text, description=text + ". Rerunning the same command continues the run "
+            "in --out from its latest checkpoint.", epilog=EXAMPLES, allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        _options(p, KINDS[name])
+        p.set_defaults(func=_cmd_train, accepts_original_flags=True, train_kind=KINDS[name])
+
+
+def _options(p: argparse.ArgumentParser, kind: str) -> None:
+    a = p.add_argument
+    a("--data", help="image folder (recursive), .npz (arr_0 NHWC uint8, arr_1 labels) or a folder "
+      "of MNIST-style IDX files")  # fmt: skip
+    a("--out", required=True, help="run folder: checkpoints, log.csv, loss.png, sample grids")
+    a("--preset", help="network + diffusion preset (adm presets lists them)")
+    a("--init-from", help="fine-tune: start from this checkpoint (file or released name)")
+    a("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+      help="override a preset field, e.g. --set unet.dropout=0.1")  # fmt: skip
+    a("--steps", type=int, help="total optimisation steps")
+    a("--batch-size", type=int, help="GLOBAL batch size over all processes (default 8)")
+    a("--microbatch", type=int, help="images per forward/backward on one process")
+    a("--lr", type=float, help="learning rate (default 1e-4; classifier 3e-4)")
+    a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    a("--anneal-lr", action="store_true", default=None, help="anneal the LR linearly to 0")
+    a("--ema-rate", help="comma list of EMA rates (default 0.9999; classifier: none)")
+    a("--timestep-sampler", choices=["uniform", "loss-second-moment"])
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+      help="torch.amp precision (auto: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
+    a("--grad-clip", type=float, help="clip the global gradient norm to this value")
+    a("--labels", choices=["filename", "folder"], default="filename",
+      help="class from the text before the first '_' of the file name (the original's rule) "
+      "or from the top-level sub-folder")  # fmt: skip
+    a("--fit-classes", action="store_true",
+      help="resize the label embedding / classifier head to the data's classes")  # fmt: skip
+    a("--random-crop", action=argparse.BooleanOptionalAction, default=kind == "classifier",
+      help="the original's random crop (classifiers' default), not the centre crop")  # fmt: skip
+    a("--flip", action=argparse.BooleanOptionalAction, default=True, help="random h-flip")
+    a("--skip-bad-images", action="store_true", help="count and skip unreadable images")
+    a("--seed", type=int, default=0)
+    a("--log-interval", type=int, help="steps between log rows (default 10)")
+    a("--save-interval", type=int, help="steps between checkpoints (default 1000)")
+    a("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    a("--max-nonfinite", type=int, default=5, help="stop after N non-finite losses in a row")
+    a("--workers", type=int, default=0, help="data-loading processes per rank")
+    a("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    a("--no-progress", action="store_true")
+    a("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    if kind == "classifier":
+        a("--val-data", help="held-out images (default: hold out --val-fraction of --data)")
+        a("--val-fraction", type=float, default=0.1)
+        a("--eval-interval", type=int, help="steps between held-out evaluations (default 100)")
+        a("--eval-size", type=int, default=512, help="held-out images per evaluation")
+        a("--no-noise", action="store_true", help="train on clean images (original noised=False)")
+    else:
+        a("--label-dropout", type=float, default=0.0,
+          help="classifier-free guidance: probability of replacing a label by the null label "
+          "(the network's last class index)")  # fmt: skip
+        a("--sample-interval", type=int, default=0, help="EMA sample grid every N steps")
+        a("--sample-steps", default="ddim25", help="respacing of the sample grid's DDIM run")
+        a("--num-samples", type=int, default=16, help="images in the sample grid")
+
+
+def _split_original(tokens: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(the original scripts' own flags, the model/diffusion flags) of a pasted flag line."""
+    script, model, i = {}, [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise UserError(f"unexpected argument {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens):
+                raise UserError(f"flag --{key} has no value")
+            i += 1
+            value = tokens[i]
+        if key in _SCRIPT_FLAGS:
+            script[key] = value
+        else:
+            model += [f"--{key}", value]
+        i += 1
+    return script, model
+
+
+def _truthy(text: str) -> bool:
+    return text.lower() in ("yes", "true", "t", "y", "1")
+
+
+def _apply_script_flags(args: argparse.Namespace, f: dict[str, str], notes: list[str]) -> None:
+    """Fill options not given the adm way from the original's flags (adm's options win)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def fill(name: str, value: object) -> None:
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+    for key, value in f.items():
+        if key in ("data_dir", "val_data_dir"):
+            fill("data" if key == "data_dir" else "val_data", value)
+        elif key in ("lr", "weight_decay"):
+            fill(key, float(value))
+        elif key == "schedule_sampler":
+            fill("timestep_sampler", value)
+        elif key in ("lr_anneal_steps", "iterations"):
+            if int(value) > 0:
+                fill("steps", int(value))
+                if key == "lr_anneal_steps":
+                    fill("anneal_lr", True)
+        elif key == "anneal_lr":
+            fill("anneal_lr", _truthy(value))
+        elif key == "batch_size":  # per rank in the original
+            fill("batch_size", int(value) * world)
+        elif key == "microbatch":
+            fill("microbatch", int(value) if int(value) > 0 else None)
+        elif key == "ema_rate":
+            fill("ema_rate", value)
+        elif key in ("log_interval", "save_interval", "eval_interval"):
+            fill(key, int(value))
+        elif key in ("use_fp16", "classifier_use_fp16"):
+            if _truthy(value) and args.precision == "auto":
+                args.precision = "fp16"
+        elif key == "resume_checkpoint" and value:
+            fill("init_from", value)
+            notes.append(
+                "--resume_checkpoint loads weights only; rerun in the same --out to resume"
+            )
+        elif key == "noised" and not _truthy(value):
+            args.no_noise = True
+        elif key == "fp16_scale_growth":
+            notes.append("--fp16_scale_growth ignored: torch.amp.GradScaler manages the scale")
+
+
+def _preset_from_flags(kind: str, tokens: list[str]):
+    """A preset from the original's model flags alone (its defaults for everything else)."""
+    from adm import flags
+    from adm.presets import Preset, SamplingSettings
+
+    parsed = flags.parse_flag_line(tokens)
+    diffusion = flags.diffusion_from_flags(parsed)
+    small = None
+    if kind == "classifier":
+        network = flags.classifier_from_flags(parsed)
+    elif kind == "superres":
+        network, small = flags.superres_from_flags(parsed)
+    else:
+        network = flags.unet_from_flags(parsed)
+    sampling = SamplingSettings(steps=str(diffusion.steps))
+    return Preset("custom", kind, network, diffusion, small_size=small, sampling=sampling)
+
+
+def _resolve_preset(args: argparse.Namespace, kind: str, model_tokens: list[str]):
+    """(preset, class names of the checkpoint's run or None)."""
+    from adm import checkpoint, presets
+    from adm.train import load_class_map
+
+    overrides = [*([" ".join(model_tokens)] if model_tokens else []), *args.set]
+    classes = None
+    if args.init_from:
+        path = checkpoint.resolve_checkpoint(args.init_from)
+        base = (presets.get_preset(args.preset) if args.preset else None) or checkpoint.read_preset(
+            path
+        )
+        if base is None:
+            base = checkpoint.detect_preset(checkpoint.load_state_dict(path), hint=path.stem)
+        found = load_class_map(path)
+        classes = tuple(found["class_names"]) if found and found["class_names"] else None
+    elif args.preset:
+        base = presets.get_preset(args.preset)
+    elif model_tokens:
+        return presets.apply_overrides(_preset_from_flags(kind, model_tokens), args.set), None
+    else:
+        raise UserError("pass --preset NAME, --init-from CHECKPOINT or the original's model flags")
+    if base.kind != kind:
+        command = {v: k for k, v in KINDS.items()}[base.kind]
+        raise UserError(f"{base.name} is a {base.kind} preset: use `adm {command}`")
+    return (presets.apply_overrides(base, overrides) if overrides else base), classes
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from adm import data as datalib
+    from adm import train as trainlib
+
+    kind, notes = args.train_kind, []
+    script_flags, model_tokens = _split_original(list(args.original_flags))
+    _apply_script_flags(args, script_flags, notes)
+    if not args.data:
+        raise UserError("pass --data (an image folder, .npz or IDX folder)")
+    if args.steps is None:
+        raise UserError("pass --steps (or the original's --lr_anneal_steps / --iterations)")
+    try:
+        preset, classes = _resolve_preset(args, kind, model_tokens)
+        config = _train_config(args, kind)
+        spec = trainlib.DataSpec(
+            args.data, labels=args.labels, val_path=getattr(args, "val_data", None),
+            val_fraction=getattr(args, "val_fraction", 0.1), fit_classes=args.fit_classes,
+        )  # fmt: skip
+        setup = trainlib.prepare(
+            preset, spec, args.out, config, init_from=args.init_from, init_classes=classes
+        )
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+    setup.notes += notes
+    if args.dry_run:
+        print(json.dumps(setup.describe(), indent=2, default=str))
+        return 0
+    if os.environ.get("RANK", "0") == "0":
+        for note in setup.notes:
+            print(f"adm {args.command}: {note}", file=sys.stderr)
+    try:
+        summary = trainlib.train(setup)
+    except (datalib.DataError, trainlib.TrainingError) as err:
+        print(f"adm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if "_q" not in k}, indent=2))
+    return 0
+
+
+def _train_config(args: argparse.Namespace, kind: str):
+    from adm.train import TrainConfig
+
+    classifier = kind == "classifier"
+    if args.ema_rate is None:
+        rates = () if classifier else (0.9999,)
+    else:
+        rates = tuple(float(r) for r in str(args.ema_rate).split(",") if r.strip())
+    values = dict(
+        steps=args.steps,
+        batch_size=args.batch_size or 8,
+        microbatch=args.microbatch,
+        lr=args.lr if args.lr is not None else (3e-4 if classifier else 1e-4),
+        weight_decay=args.weight_decay or 0.0,
+        anneal_lr=bool(args.anneal_lr),
+        ema_rates=rates,
+        timestep_sampler=args.timestep_sampler or "uniform",
+        precision=args.precision,
+        grad_clip=args.grad_clip,
+        random_crop=args.random_crop,
+        random_flip=args.flip,
+        max_nonfinite=args.max_nonfinite,
+        seed=args.seed,
+        log_interval=args.log_interval or 10,
+        save_interval=args.save_interval or 1000,
+        keep=args.keep,
+        workers=args.workers,
+        skip_bad_images=args.skip_bad_images,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    if classifier:
+        values.update(noised=not args.no_noise, eval_interval=args.eval_interval or 100,
+                      eval_size=args.eval_size)  # fmt: skip
+    else:
+        values.update(label_dropout=args.label_dropout, sample_interval=args.sample_interval,
+                      sample_steps=args.sample_steps, num_samples=args.num_samples)  # fmt: skip
+    if values["batch_size"] % int(os.environ.get("WORLD_SIZE", "1")):
+        raise UserError("--batch-size (global) must be divisible by the number of processes")
+    return dataclasses.replace(TrainConfig(steps=1), **values)

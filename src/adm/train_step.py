@@ -1,0 +1,310 @@
+"""One optimisation step of the paper's training recipe, and the run state around it.
+
+`Trainer` holds the model (DDP-wrapped under torchrun), AdamW, the EMAs, the torch.amp grad
+scaler and the timestep sampler; it restores them from a run folder and saves them (see
+`adm.train_state`). A step (the original `TrainLoop.run_step` / `classifier_train.py`): draw the
+step's randomness for the GLOBAL batch from generators seeded by (seed, step) and slice this
+rank's share, so results do not depend on the number of processes and a resumed run continues
+exactly (bitwise on CPU); micro-batches (DDP `no_sync` but the last), gradients averaged; the
+hybrid diffusion loss or the noisy-classifier cross-entropy; non-finite losses skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from adm import checkpoint, dist
+from adm import data as datalib
+from adm import train_state as ts
+from adm.diffusion import Diffusion, q_sample, training_losses
+from adm.presets import build_model, preset_to_dict
+from adm.resample import create_sampler
+from adm.train_log import MetricMeter
+from adm.train_setup import RunSetup
+
+__all__ = ["Trainer", "TrainingError", "amp_dtype"]
+
+_DIFFUSION_COLUMNS = ["loss", "mse", "vb"]
+_CLASSIFIER_COLUMNS = ["loss", "acc1", "acc5"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated non-finite losses, an incompatible run folder)."""
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name; "auto" is bf16 (fp16 without bf16 support) on
+    CUDA and fp32 (None: no autocast) elsewhere."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Trainer:
+    """One run's model, optimizer, EMA, sampler and files (a class: the state is the point)."""
+
+    def __init__(self, setup: RunSetup, info: dist.DistInfo):
+        self.setup, self.info, self.cfg = setup, info, setup.config
+        self.preset, self.kind, self.device = setup.preset, setup.preset.kind, info.device
+        self.run_dir = setup.run_dir
+        self.amp = amp_dtype(self.cfg.precision, self.device)
+        self.diff = Diffusion.from_config(self.preset.diffusion)
+        self.sampler = create_sampler(self.cfg.timestep_sampler, self.diff.num_steps)
+        resume = self._prepare_run_dir()
+        dist.seed_everything(self.cfg.seed)
+        self.model = build_model(self.preset).to(self.device).train()
+        if setup.init_from and resume is None:
+            sd = checkpoint.load_state_dict(checkpoint.resolve_checkpoint(setup.init_from))
+            self.model.load_state_dict(sd, strict=True)
+        rates = self.cfg.ema_rates
+        self.ema = ts.EMA(self.model, rates)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
+        fp16 = self.amp == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.step, self.skipped, self.nonfinite_run = 0, 0, 0
+        self.bad_images: set[str] = set()
+        if resume is not None:
+            self._restore(resume)
+        self.net = self.model
+        if info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.plan = datalib.BatchPlan(
+            len(setup.source), self.cfg.batch_size, rank=info.rank,
+            world_size=info.world_size, seed=self.cfg.seed,
+        )  # fmt: skip
+        self.meter = MetricMeter()
+        self.columns = _CLASSIFIER_COLUMNS if self.kind == "classifier" else _DIFFUSION_COLUMNS
+
+    # ---- run folder, resume, checkpoints ----------------------------------------------------
+
+    def _prepare_run_dir(self) -> int | None:
+        """Create the run folder, check that an existing run there is this run, return the step
+        of its latest complete checkpoint (None for a fresh run)."""
+        resume, problem = None, None
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            resume = ts.latest_step(self.run_dir)
+            config_file = self.run_dir / "config.json"
+            mine = preset_to_dict(self.preset)
+            if resume is not None and config_file.is_file():
+                theirs = json.loads(config_file.read_text())["preset"]
+                if {k: theirs.get(k) for k in ("kind", "network", "diffusion")} != {
+                    k: mine[k] for k in ("kind", "network", "diffusion")
+                }:
+                    problem = (
+                        f"{self.run_dir} holds a run of a different model; resume it with its "
+                        "own settings or choose a new --out folder"
+                    )
+            if problem is None:
+                ts.write_json(config_file, self.setup.describe())
+                ts.write_json(self.run_dir / "classes.json", self.setup.class_map())
+        resume, problem = dist.broadcast_object((resume, problem))
+        if problem:
+            raise TrainingError(problem)
+        return resume
+
+    def _restore(self, step: int) -> None:
+        run_dir = self.run_dir
+        self.model.load_state_dict(checkpoint.load_state_dict(ts.model_path(run_dir, step)))
+        for rate in self.ema.rates:
+            path = ts.ema_path(run_dir, rate, step)
+            if not path.is_file():
+                raise TrainingError(f"{path} is missing: resume with the run's own --ema-rate")
+            self.ema.load(rate, checkpoint.load_state_dict(path))
+        state = ts.load_state(run_dir, step)
+        self.opt.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if len(state["rng"]) == self.info.world_size:
+            dist.set_rng_state(state["rng"][self.info.rank])
+        self.step, self.skipped = state["step"], state["skipped_steps"]
+        self.bad_images = set(state["bad_images"])
+        if self.info.is_main:
+            tqdm.write(f"resuming {run_dir} from step {step}")
+
+    def save(self) -> None:
+        """Write the checkpoint of the current step (all ranks must call it)."""
+        rngs = dist.all_gather_objects(dist.rng_state())
+        if self.info.is_main:
+            checkpoint.save_model(self.model, self.preset, ts.model_path(self.run_dir, self.step))
+            for rate in self.ema.rates:
+                checkpoint.write_state_dict(
+                    self.ema.state_dict(self.model, rate), self.preset,
+                    ts.ema_path(self.run_dir, rate, self.step),
+                )  # fmt: skip
+            state = {
+                "kind": self.kind,
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "sampler": self.sampler.state_dict(),
+                "rng": rngs,
+                "world_size": self.info.world_size,
+                "data": {
+                    "global_batch": self.cfg.batch_size,
+                    "seed": self.cfg.seed,
+                    "items": len(self.setup.source),
+                    "next_step": self.step,
+                },
+                "ema_rates": list(self.ema.rates),
+                "skipped_steps": self.skipped,
+                "bad_images": sorted(self.bad_images),
+                "class_map": json.dumps(self.setup.class_map()),
+            }
+            ts.save_state(self.run_dir, self.step, state)
+            ts.prune(self.run_dir, self.cfg.keep)
+        dist.barrier()
+
+    # ---- one optimisation step --------------------------------------------------------------
+
+    def _forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.net(*args, **kwargs)
+        return out.float()
+
+    def _step_randomness(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        """Timesteps, weights, noise and label-dropout draws of this rank's share of the global
+        batch of the current step (drawn for the whole global batch, then sliced)."""
+        cfg, b = self.cfg, self.plan.local_batch
+        lo = self.info.rank * b
+        gen = torch.Generator().manual_seed(dist.step_seed(cfg.seed, self.step, 0))
+        dev_gen = gen
+        if self.device.type != "cpu":
+            dev_gen = torch.Generator(self.device)
+            dev_gen.manual_seed(dist.step_seed(cfg.seed, self.step, 1))
+        t, w = self.sampler.sample(cfg.batch_size, gen)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+        noise = torch.randn((cfg.batch_size, *shape), generator=dev_gen, device=dev_gen.device)
+        out = {"t": t, "w": w, "drop": drop}
+        out = {k: v[lo : lo + b].to(self.device) for k, v in out.items()}
+        out["noise"] = noise[lo : lo + b].to(self.device)
+        return out
+
+    def _micro_losses(self, x: Tensor, y: Tensor, r: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(per-example objective [n], statistics [n, 2 + 3]: t, weight and the logged columns)."""
+        if self.kind == "classifier":
+            t = r["t"] if self.cfg.noised else torch.zeros_like(r["t"])
+            x_t = q_sample(self.diff, x, t, r["noise"]) if self.cfg.noised else x
+            logits = self._forward(x_t, self.diff.schedule.network_timesteps(t))
+            loss = F.cross_entropy(logits, y, reduction="none")
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=-1).indices == y[:, None]
+            cols = [loss, top[:, 0].float(), top.any(dim=-1).float()]
+            return loss, torch.stack([t.float(), torch.ones_like(loss), *cols], 1).detach()
+        kwargs: dict[str, Tensor] = {}
+        if self.preset.network.num_classes is not None:
+            kwargs["y"] = y if self.setup.null_label is None else y.masked_fill(
+                r["drop"], self.setup.null_label
+            )  # fmt: skip
+        if self.kind == "superres":
+            kwargs["low_res"] = datalib.downsample_area(x, self.preset.small_size)
+        terms = training_losses(
+            self.diff, self._forward, x, r["t"], noise=r["noise"], model_kwargs=kwargs
+        )
+        vb = terms.get("vb", torch.zeros_like(terms["loss"]))
+        cols = [terms["loss"], terms["mse"], vb]
+        stats = torch.stack([r["t"].float(), r["w"], *cols], 1).detach()
+        return terms["loss"] * r["w"], stats
+
+    def train_step(self, x: Tensor, y: Tensor) -> None:
+        cfg, b = self.cfg, self.plan.local_batch
+        r = self._step_randomness(tuple(x.shape[1:]))
+        torch.manual_seed(dist.step_seed(cfg.seed, self.step, 2 + self.info.rank))  # dropout
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        lr = cfg.lr * (1 - self.step / cfg.steps) if cfg.anneal_lr else cfg.lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        mb = cfg.microbatch or b
+        stats = []
+        for i in range(0, b, mb):
+            last = i + mb >= b
+            sync = contextlib.nullcontext()
+            if self.net is not self.model and not last:
+                sync = self.net.no_sync()
+            with sync:
+                part = {k: v[i : i + mb] for k, v in r.items()}
+                objective, st = self._micro_losses(x[i : i + mb], y[i : i + mb], part)
+                # Average over the local batch (the original sums per-micro-batch means).
+                self.scaler.scale(objective.sum() / b).backward()
+            stats.append(st)
+        stats = dist.all_gather_cat(torch.cat(stats).double())  # [global batch, 5]
+        self._optimise(stats, lr)
+
+    def _optimise(self, stats: Tensor, lr: float) -> None:
+        cfg = self.cfg
+        fp16 = self.scaler.is_enabled()
+        if fp16:
+            self.scaler.unscale_(self.opt)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        finite_loss = bool(torch.isfinite(stats[:, 2]).all())
+        if not finite_loss or (not fp16 and not torch.isfinite(torch.tensor(norm))):
+            self._skip("loss" if not finite_loss else "gradient norm")
+        else:
+            self.nonfinite_run = 0
+            if fp16:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                took = self.scaler.get_scale() >= scale
+            else:
+                self.opt.step()
+                took = True
+            self.sampler.update(stats[:, 0].long(), stats[:, 2])
+            if took:
+                self.ema.update(self.model.parameters())
+            self._record(stats, norm, lr)
+        self.step += 1
+
+    def _skip(self, what: str) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        self.skipped += 1
+        self.nonfinite_run += 1
+        if self.info.is_main:
+            tqdm.write(
+                f"step {self.step}: non-finite {what}; step skipped "
+                f"({self.nonfinite_run}/{self.cfg.max_nonfinite} in a row)"
+            )
+        if self.nonfinite_run >= self.cfg.max_nonfinite:
+            last = ts.latest_step(self.run_dir)
+            raise TrainingError(
+                f"non-finite {what} at {self.nonfinite_run} consecutive steps (last: step "
+                f"{self.step}); stopped. Latest checkpoint: "
+                f"{'none' if last is None else f'step {last}'}. Try a lower --lr, --grad-clip or "
+                "--precision fp32"
+            )
+
+    def _record(self, stats: Tensor, norm: float, lr: float) -> None:
+        t, w = stats[:, 0].long(), stats[:, 1]
+        for j, name in enumerate(self.columns):
+            values = stats[:, 2 + j] * (w if self.kind != "classifier" else 1)
+            self.meter.add_by_quartile(name, values, t, self.diff.num_steps)
+        self.meter.add("grad_norm", norm)
+        self.meter.add("lr", lr)
+        if self.scaler.is_enabled():
+            self.meter.add("loss_scale", self.scaler.get_scale())
+
+    def to_summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "skipped_steps": self.skipped,
+            "bad_images": len(self.bad_images),
+            "checkpoint": str(ts.model_path(self.run_dir, self.step)),
+            "ema": [str(ts.ema_path(self.run_dir, r, self.step)) for r in self.ema.rates],
+        }
