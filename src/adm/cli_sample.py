@@ -1,0 +1,365 @@
+"""`adm sample`, `adm upsample`, `adm nll`: argument parsing and checks for the sampling commands.
+
+Resolves the model (checkpoint with its preset auto-detected, or a preset), the classifier and the
+settings, checks every input before any sampling starts, then makes one call into `adm.generate`
+(or `adm.diffusion.calc_bpd_loop` for `nll`). Registered by `adm.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adm.errors import UserError
+
+SAMPLE_EXAMPLES = """examples:
+  adm sample --checkpoint 256x256_diffusion.pt --classifier 256x256_classifier.pt \\
+      --classifier-scale 1.0 --steps 250 --sampler ddpm --num-samples 100 --out runs/256
+  adm sample --checkpoint 128x128_diffusion --classifier 128x128_classifier \\
+      --classifier-scale 1.0 --sampler ddim --steps ddim25 --precision bf16
+  adm sample --preset tiny_diffusion --sampler dpm++2m --steps 10 --classes 1,2,3
+  torchrun --nproc_per_node 8 -m adm.cli sample --checkpoint 64x64_diffusion.pt ...
+"""
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="sample images (guided or not) from a diffusion checkpoint or preset",
+        description="Sample images with DDPM, DDIM or DPM-Solver++(2M), optionally guided by a "
+        "noisy classifier (--classifier-scale) and/or classifier-free guidance (--cfg-scale). "
+        "Writes the original's .npz (arr_0 uint8 NHWC, arr_1 labels), grid.png and "
+        "settings.json. Sample i depends only on (--seed, i): batch size and process count do "
+        "not change the images.",
+        epilog=SAMPLE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_options(p)
+    p.add_argument("--classifier", help="noisy classifier checkpoint or released preset name")
+    p.add_argument("--classifier-scale", type=float, help="guidance scale s (default: preset's)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight w")
+    p.add_argument("--cfg-null-label", type=int, help="null label (default: last class index)")
+    p.add_argument("--classes", default="random", help="'random' or a list such as 1,7,207")
+    _sampling_options(p)
+    p.set_defaults(func=_cmd_sample, accepts_original_flags=True)
+
+    p = sub.add_parser(
+        "upsample",
+        help="upsample a base .npz with a super-resolution checkpoint (64->256, 128->512)",
+        description="Super-resolve every image of a base sample batch (arr_0 uint8 NHWC, labels "
+        "in arr_1) with an upsampler; DDPM, DDIM or DPM-Solver++ (the original's script ignores "
+        "--use_ddim).",
+    )
+    _model_options(p)
+    p.add_argument("--base", required=True, help="base samples .npz (e.g. from adm sample)")
+    _sampling_options(p, num_samples=None)
+    p.set_defaults(func=_cmd_upsample, accepts_original_flags=True)
+
+    p = sub.add_parser(
+        "nll",
+        help="bits/dim of images under a diffusion model (the full variational bound)",
+        description="Evaluate the negative log-likelihood in bits/dim with the full VLB loop "
+        "(one network call per timestep and image batch).",
+    )
+    _model_options(p)
+    p.add_argument("--data", required=True, help=".npz with arr_0 uint8 NHWC images")
+    p.add_argument("--num-samples", type=int, default=None, help="first N images (default all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", default="", help="respacing (default: all steps; fewer steps "
+                   "bound the respaced chain's likelihood, which is looser)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-clip", action="store_true", help="do not clip predicted x0")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/nll", help="output folder for nll.json")
+    p.set_defaults(func=_cmd_nll, accepts_original_flags=True)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help=".pt/.safetensors file or a released name (cached)")
+    g.add_argument("--preset", help="build a preset with random weights (tests, smoke runs)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a preset field, e.g. --set diffusion.steps=4000")  # fmt: skip
+
+
+def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) -> None:
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: preset's")
+    p.add_argument("--steps", help="respacing: 250, ddim25, 10,10,10 ... (default: preset's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--num-samples", type=int, default=num_samples,
+                   help=f"default: {num_samples or 'all base images'}")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=None, help="default: preset's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision on CUDA (CPU always runs fp32)")  # fmt: skip
+    p.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--out", default="runs/sample", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _load(args: argparse.Namespace, device: torch.device):
+    """(model, preset) from --checkpoint or --preset, with --set / original flags applied."""
+    from adm import checkpoint, presets
+
+    overrides = [*args.set, *args.original_flags]
+    try:
+        if args.preset:
+            preset = presets.get_preset(args.preset)
+            if overrides:
+                preset = presets.apply_overrides(preset, overrides)
+            torch.manual_seed(0)
+            model = presets.build_model(preset).to(device).eval()
+            print(
+                f"warning: {preset.name} built with random weights (no checkpoint)", file=sys.stderr
+            )
+            return model, preset
+        preset = None
+        if overrides:
+            found = checkpoint.load_model(args.checkpoint, device="meta")[1]
+            preset = presets.apply_overrides(found, overrides)
+        return checkpoint.load_model(args.checkpoint, device=device, preset=preset)
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+
+
+def _device(name: str | None) -> torch.device:
+    from adm.dist import pick_device
+
+    try:
+        device = pick_device(name)
+    except RuntimeError as err:
+        raise UserError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _job(args: argparse.Namespace, preset, classes=None, classifier_scale=0.0, cfg=None):
+    from adm.generate import SampleJob
+
+    s = preset.sampling
+    sampler = args.sampler or s.sampler
+    steps = args.steps or (s.steps if sampler != "dpm++2m" else "25")
+    try:
+        from adm.schedule import space_timesteps
+
+        space_timesteps(preset.diffusion.steps, steps)
+        return SampleJob(
+            sampler=sampler, steps=steps, num_samples=args.num_samples,
+            batch_size=args.batch_size or s.batch_size, classes=classes, seed=args.seed,
+            classifier_scale=classifier_scale, cfg_scale=cfg, eta=args.eta,
+            clip_denoised=not args.no_clip, precision=args.precision,
+            save_pngs=args.save_pngs,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _parse_classes(text: str) -> tuple[int, ...] | None:
+    if text == "random":
+        return None
+    try:
+        classes = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise UserError(f"--classes {text!r}: expected 'random' or integers like 1,7,207") from None
+    if not classes or min(classes) < 0:
+        raise UserError(f"--classes {text!r}: expected non-negative class indices")
+    return classes
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from adm import checkpoint
+    from adm.generate import Run
+
+    device = _device(args.device)
+    model, preset = _load(args, device)
+    if preset.kind != "diffusion":
+        hint = " (use adm upsample)" if preset.kind == "superres" else ""
+        raise UserError(f"{preset.name} is a {preset.kind} model, not a diffusion model{hint}")
+    net = preset.network
+    classes = _parse_classes(args.classes)
+    classifier, scale = None, args.classifier_scale
+    if args.classifier:
+        try:
+            classifier, clf_preset = checkpoint.load_model(args.classifier, device=device)
+        except (ValueError, OSError) as err:
+            raise UserError(f"--classifier: {err}") from None
+        if clf_preset.kind != "classifier":
+            raise UserError(f"--classifier {args.classifier} is a {clf_preset.kind} model")
+        if clf_preset.network.image_size != net.image_size:
+            raise UserError(
+                f"--classifier {args.classifier} works at {clf_preset.network.image_size}px but "
+                f"the model samples {net.image_size}px images"
+            )
+        scale = preset.sampling.classifier_scale if scale is None else scale
+    elif scale:
+        raise UserError("--classifier-scale needs --classifier CKPT")
+    num_classes = net.num_classes
+    if classifier is not None:
+        n_clf = classifier.config.out_channels
+        num_classes = n_clf if num_classes is None else min(num_classes, n_clf)
+    null_label = None
+    if args.cfg_scale is not None:
+        if net.num_classes is None:
+            raise UserError(
+                "--cfg-scale needs a class-conditional model (trained with label dropout)"
+            )
+        null_label = net.num_classes - 1 if args.cfg_null_label is None else args.cfg_null_label
+        if num_classes == net.num_classes:
+            num_classes = net.num_classes - 1  # the null label is not a class to sample
+    if classes and num_classes is not None and max(classes) >= num_classes:
+        raise UserError(f"--classes: class {max(classes)} is out of range (0..{num_classes - 1})")
+    job = _job(args, preset, classes, scale or 0.0, args.cfg_scale)
+    run = Run(
+        model=model, diffusion_config=preset.diffusion, job=job, out_dir=Path(args.out),
+        num_classes=num_classes, class_conditional=net.num_classes is not None,
+        classifier=classifier, null_label=null_label,
+        settings={"model": preset.name, "checkpoint": args.checkpoint,
+                  "classifier": args.classifier, "device": str(device)},
+    )  # fmt: skip
+    return _run(run, args)
+
+
+def _run(run, args: argparse.Namespace) -> int:
+    from adm.generate import run_sampling
+
+    try:
+        paths = run_sampling(run, resume=args.resume, progress=not args.no_progress)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_upsample(args: argparse.Namespace) -> int:
+    from adm.generate import Run
+
+    device = _device(args.device)
+    model, preset = _load(args, device)
+    if preset.kind != "superres":
+        raise UserError(f"{preset.name} is a {preset.kind} model, not an upsampler")
+    base = _read_images(args.base, "--base")
+    small = preset.small_size
+    if (
+        base["arr_0"].shape[1:3] != (small, small)
+        or base["arr_0"].shape[3] != preset.network.in_channels
+    ):
+        raise UserError(
+            f"--base {args.base}: images are {tuple(base['arr_0'].shape[1:])}, but "
+            f"{preset.name} upsamples {small}x{small}x{preset.network.in_channels} images"
+        )
+    n = len(base["arr_0"])
+    net = preset.network
+    labels = base.get("arr_1")
+    if net.num_classes is not None:
+        if labels is None:
+            raise UserError(
+                f"--base {args.base}: no labels (arr_1) for a class-conditional upsampler"
+            )
+        if labels.max() >= net.num_classes:
+            raise UserError(
+                f"--base {args.base}: label {labels.max()} >= {net.num_classes} classes"
+            )
+    args.num_samples = n if args.num_samples is None else min(args.num_samples, n)
+    job = _job(args, preset)
+    run = Run(
+        model=model, diffusion_config=preset.diffusion, job=job, out_dir=Path(args.out),
+        num_classes=net.num_classes, class_conditional=net.num_classes is not None,
+        low_res=base["arr_0"][: job.num_samples],
+        labels=(labels if labels is not None else np.zeros(n, int))[: job.num_samples],
+        settings={"model": preset.name, "checkpoint": args.checkpoint, "base": args.base},
+    )  # fmt: skip
+    return _run(run, args)
+
+
+def _read_images(path: str, flag: str) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files if k in ("arr_0", "arr_1")}
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {path}: not a readable .npz ({err})") from None
+    images = arrays.get("arr_0")
+    if images is None or images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(f"{flag} {path}: expected arr_0 uint8 images [N, H, W, C]")
+    return arrays
+
+
+def _cmd_nll(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from adm.diffusion import Diffusion, calc_bpd_loop
+
+    device = _device(args.device)
+    model, preset = _load(args, device)
+    if preset.kind != "diffusion":
+        raise UserError(f"{preset.name} is a {preset.kind} model, not a diffusion model")
+    arrays = _read_images(args.data, "--data")
+    images = arrays["arr_0"][: args.num_samples]
+    size, ch = preset.network.image_size, preset.network.in_channels
+    if images.shape[1:] != (size, size, ch):
+        raise UserError(
+            f"--data {args.data}: images are {images.shape[1:]}, model needs {(size, size, ch)}"
+        )
+    labels = None
+    if preset.network.num_classes is not None:
+        if "arr_1" not in arrays:
+            raise UserError(f"--data {args.data}: a class-conditional model needs labels (arr_1)")
+        labels = arrays["arr_1"][: len(images)].astype(np.int64)
+        if labels.min() < 0 or labels.max() >= preset.network.num_classes:
+            raise UserError(
+                f"--data {args.data}: labels outside 0..{preset.network.num_classes - 1}"
+            )
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out_dir}: {err.strerror}") from None
+    try:
+        diff = Diffusion.from_config(
+            dataclasses.replace(preset.diffusion, timestep_respacing=args.steps)
+        )
+    except ValueError as err:
+        raise UserError(f"--steps: {err}") from None
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    totals, terms = [], []
+    bar = tqdm(total=len(images), unit="img", desc="bits/dim")
+    for start in range(0, len(images), args.batch_size):
+        x0 = torch.from_numpy(images[start : start + args.batch_size]).to(device)
+        x0 = x0.permute(0, 3, 1, 2).float() / 127.5 - 1
+        kwargs = {}
+        if labels is not None:
+            kwargs["y"] = torch.from_numpy(labels[start : start + len(x0)]).to(device)
+        out = calc_bpd_loop(
+            diff, model, x0, clip_denoised=not args.no_clip, model_kwargs=kwargs, generator=gen
+        )
+        totals.append(out["total_bpd"].cpu())
+        terms.append(out["vb"].cpu())
+        bar.update(len(x0))
+        bar.set_postfix(bpd=f"{torch.cat(totals).mean():.4f}")
+    bar.close()
+    total = torch.cat(totals)
+    result = {
+        "bits_per_dim": float(total.mean()),
+        "num_images": len(total),
+        "model": preset.name,
+        "steps": args.steps or str(preset.diffusion.steps),
+        "vb_per_timestep_loop_order": torch.cat(terms).mean(0).tolist(),
+        "diffusion": dataclasses.asdict(preset.diffusion),
+    }
+    (out_dir / "nll.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"bits/dim: {result['bits_per_dim']:.4f} over {len(total)} images -> {out_dir / 'nll.json'}"
+    )
+    return 0

@@ -1,0 +1,320 @@
+"""Sampling runs: many images from a diffusion model, guided or not, resumable and multi-process.
+
+Owns what `adm sample` / `adm upsample` do around the samplers: per-sample seeds (sample i's
+noise and label come from its own generator derived from (seed, i), so images do not depend on the
+batch size or the number of processes), splitting batches across torchrun ranks, one atomically
+written file per finished batch (so `--resume` continues an interrupted run), and the outputs:
+the original's `.npz` (`arr_0` uint8 NHWC quantised by truncation, `arr_1` labels), a PNG grid,
+optional PNGs per image and a JSON of the fully resolved settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from adm import dist, guidance, sampling
+from adm.diffusion import Diffusion, DiffusionConfig
+
+SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """What to sample. `steps` is the original's respacing string ("250", "ddim25", "25")."""
+
+    sampler: SamplerName = "ddim"
+    steps: str = "ddim25"
+    num_samples: int = 16
+    batch_size: int = 4
+    classes: tuple[int, ...] | None = None  # None: random labels (class-conditional runs)
+    seed: int = 0
+    classifier_scale: float = 0.0
+    cfg_scale: float | None = None
+    eta: float = 0.0
+    clip_denoised: bool = True
+    precision: Precision = "fp32"
+    save_pngs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("ddpm", "ddim", "dpm++2m"):
+            raise ValueError(f"unknown sampler {self.sampler!r}: expected ddpm, ddim or dpm++2m")
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError("--num-samples and --batch-size must be positive")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"unknown precision {self.precision!r}: expected fp32, bf16 or fp16")
+
+
+def sample_generator(seed: int, index: int, stream: int, device: torch.device) -> torch.Generator:
+    """The generator of sample `index` (stream 0: noise, 1: label), a pure function of its
+    arguments: the same image whatever the batch or process it is drawn in."""
+    words = np.random.SeedSequence([seed, index, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def sample_labels(job: SampleJob, num_classes: int) -> np.ndarray:
+    """Label of every sample: the requested classes in turn, or one random draw per sample."""
+    if job.classes:
+        return np.array([job.classes[i % len(job.classes)] for i in range(job.num_samples)])
+    cpu = torch.device("cpu")
+    return np.array(
+        [
+            int(torch.randint(num_classes, (1,), generator=sample_generator(job.seed, i, 1, cpu)))
+            for i in range(job.num_samples)
+        ]
+    )
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC exactly as the original: ((x + 1)·127.5).clamp(0, 255) then a
+    truncating cast (not rounding)."""
+    x = ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def autocast_model(model_fn: Callable[..., Tensor], device: torch.device, precision: Precision):
+    """Run `model_fn` under torch.amp autocast on CUDA (bf16/fp16); CPU stays fp32 (bf16/fp16
+    autocast is slower than fp32 on CPUs without native support). Outputs are float32."""
+    if precision == "fp32" or device.type != "cuda":
+        return model_fn
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def wrapped(x: Tensor, t: Tensor, **kwargs: Tensor) -> Tensor:
+        with torch.autocast("cuda", dtype=dtype):
+            return model_fn(x, t, **kwargs).float()
+
+    return wrapped
+
+
+@dataclass
+class Run:
+    """Everything fixed for one sampling run."""
+
+    model: nn.Module
+    diffusion_config: DiffusionConfig
+    job: SampleJob
+    out_dir: Path
+    num_classes: int | None = None  # labels drawn/validated in range(num_classes)
+    class_conditional: bool = False  # the diffusion network itself takes y
+    classifier: nn.Module | None = None
+    null_label: int | None = None  # classifier-free guidance
+    low_res: np.ndarray | None = None  # super-resolution: uint8 NHWC base samples
+    base_labels: np.ndarray | None = None
+    settings: dict = dataclasses.field(default_factory=dict)  # extra facts for the JSON
+    labels: np.ndarray | None = None  # filled by `run_sampling` unless given (super-res: base's)
+
+
+def _batch_path(out_dir: Path, k: int) -> Path:
+    return out_dir / "batches" / f"batch_{k:06d}.npz"
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _model_fn(run: Run, device: torch.device) -> Callable[..., Tensor]:
+    """`model_fn(x, t, y=..., low_res=...)` for the samplers: labels only for class-conditional
+    networks (an unconditional model can still be classifier-guided), classifier-free guidance
+    around it when asked, autocast on CUDA."""
+    model = run.model
+
+    def model_fn(x: Tensor, t: Tensor, y: Tensor | None = None, **kw: Tensor) -> Tensor:
+        return model(x, t, **({"y": y} if run.class_conditional else {}), **kw)
+
+    fn: Callable[..., Tensor] = model_fn
+    if run.job.cfg_scale is not None:
+        if run.null_label is None:
+            raise ValueError("classifier-free guidance needs the model's null label")
+        fn = guidance.classifier_free_model_fn(fn, run.job.cfg_scale, null_label=run.null_label)
+    return autocast_model(fn, device, run.job.precision)
+
+
+def sample_batch(run: Run, diff: Diffusion, indices: list[int], device: torch.device) -> Tensor:
+    """Images [len(indices), C, H, W] in [-1, 1] for the given global sample indices."""
+    job, cfg = run.job, run.model.config
+    labels = torch.as_tensor(run.labels[indices], device=device)
+    low_res = None
+    if run.low_res is not None:
+        lr = torch.from_numpy(run.low_res[indices]).to(device).permute(0, 3, 1, 2)
+        low_res = lr.float() / 127.5 - 1
+    size = cfg.image_size
+    gens = [sample_generator(job.seed, i, 0, device) for i in indices]
+    noise = torch.stack(
+        [torch.randn(cfg.in_channels, size, size, generator=g, device=device) for g in gens]
+    )
+    model_fn = _model_fn(run, device)
+    cond_fn = None
+    if run.classifier is not None and job.classifier_scale != 0:
+        cond_fn = guidance.classifier_cond_fn(run.classifier, job.classifier_scale)
+    model_kwargs = {"y": labels, **({} if low_res is None else {"low_res": low_res})}
+    common = {"cond_fn": cond_fn, "clip_denoised": job.clip_denoised, "model_kwargs": model_kwargs}
+    if job.sampler == "ddpm":
+        return sampling.ddpm_sample(model_fn, diff, noise, generator=gens, **common)
+    if job.sampler == "ddim":
+        return sampling.ddim_sample(model_fn, diff, noise, eta=job.eta, generator=gens, **common)
+    return sampling.dpm_solver_sample(model_fn, diff, noise, **common)
+
+
+def prepare_output(out_dir: Path, resume: bool, num_batches: int, record: dict) -> list[int]:
+    """Check that `out_dir` is writable and fits `resume`; return the finished batches.
+
+    `run.json` records the settings; `--resume` refuses a folder made with other settings.
+    """
+    try:
+        (out_dir / "batches").mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to output folder {out_dir}: {err.strerror}") from None
+    done = [k for k in range(num_batches) if _batch_path(out_dir, k).exists()]
+    run_file = out_dir / "run.json"
+    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+    if done and not resume:
+        raise ValueError(
+            f"{out_dir} already holds {len(done)} finished batch(es) of a run: pass --resume to "
+            "continue it, or choose another --out"
+        )
+    if resume and run_file.exists() and run_file.read_text() != text:
+        raise ValueError(
+            f"{out_dir} holds a run with other settings (see {run_file}); --resume continues "
+            "only the same run: choose another --out"
+        )
+    run_file.write_text(text)
+    return done
+
+
+def run_record(run: Run) -> dict:
+    """The fully resolved settings of a run (what settings.json and run.json record)."""
+    return {
+        "job": dataclasses.asdict(run.job),
+        "diffusion": dataclasses.asdict(run.diffusion_config),
+        **run.settings,
+    }
+
+
+def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Sample `run.job.num_samples` images; rank r of a torchrun world takes batches r, r+W, ...
+    Returns the written paths (on rank 0; other ranks return {})."""
+    job, out_dir = run.job, run.out_dir
+    info = dist.setup() if dist_world() > 1 else dist.DistInfo(device=_device_of(run.model))
+    device = info.device
+    num_batches = math.ceil(job.num_samples / job.batch_size)
+    if run.labels is None:
+        num = run.num_classes or 1
+        run.labels = sample_labels(job, num) if run.num_classes else np.zeros(job.num_samples, int)
+        if num and run.labels.max(initial=0) >= num:
+            raise ValueError(f"class {int(run.labels.max())} is out of range for {num} classes")
+    done, error = [], None
+    if info.is_main:
+        try:
+            done = prepare_output(out_dir, resume, num_batches, run_record(run))
+        except ValueError as err:
+            error = str(err)
+    done, error = dist.broadcast_object((done, error))
+    if error:  # every rank stops with the same message, none hangs
+        raise ValueError(error)
+    done = set(done)
+    diff = Diffusion.from_config(
+        dataclasses.replace(run.diffusion_config, timestep_respacing=job.steps)
+    )
+    mine = [k for k in range(num_batches) if k % info.world_size == info.rank and k not in done]
+    bar = _progress(job.num_samples, len(done) * job.batch_size, progress and info.is_main)
+    start, count = time.perf_counter(), 0
+    for k in mine:
+        indices = list(range(k * job.batch_size, min((k + 1) * job.batch_size, job.num_samples)))
+        images = sample_batch(run, diff, indices, device)
+        _atomic_savez(_batch_path(out_dir, k), images=to_uint8(images), indices=np.array(indices))
+        if bar is not None:
+            count += len(indices) * info.world_size
+            bar.update(len(indices) * info.world_size)
+            bar.set_postfix(images_per_s=f"{count / (time.perf_counter() - start):.2f}")
+    if bar is not None:
+        bar.close()
+    dist.barrier()
+    if not info.is_main:
+        return {}
+    return write_outputs(run, num_batches)
+
+
+def write_outputs(run: Run, num_batches: int) -> dict[str, Path]:
+    """Assemble the finished batches into the original's .npz, a grid, PNGs and settings JSON."""
+    job, out_dir = run.job, run.out_dir
+    parts = [np.load(_batch_path(out_dir, k)) for k in range(num_batches)]
+    images = np.concatenate([p["images"] for p in parts])
+    labels = run.labels
+    n, h, w, c = images.shape
+    paths = {"npz": out_dir / f"samples_{n}x{h}x{w}x{c}.npz"}
+    arrays = {"arr_0": images}
+    if run.num_classes is not None:
+        arrays["arr_1"] = labels.astype(np.int64)
+    _atomic_savez(paths["npz"], **arrays)
+    paths["grid"] = out_dir / "grid.png"
+    save_grid(images, paths["grid"])
+    if job.save_pngs:
+        (out_dir / "images").mkdir(exist_ok=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image.squeeze(-1) if c == 1 else image).save(
+                out_dir / "images" / f"{i:06d}.png"
+            )
+        paths["images"] = out_dir / "images"
+    paths["settings"] = out_dir / "settings.json"
+    record = run_record(run)
+    paths["settings"].write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return paths
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> None:
+    """uint8 NHWC images -> one PNG grid with a 2-pixel border."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + 2) + 2, columns * (w + 2) + 2, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = (
+            image
+        )
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+def dist_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="sampling")
