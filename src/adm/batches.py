@@ -1,0 +1,224 @@
+"""The evaluator's `.npz` batches: `arr_0` uint8 NHWC images, read and written streaming.
+
+Sample batches hold `arr_0` (and `arr_1` labels, ignored); reference batches add whole-dataset
+statistics `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial). Also image folders as a source.
+Every check runs before any work, and files are written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+STATS_DIMS = {"mu": 2048, "sigma": 2048, "mu_s": 2023, "sigma_s": 2023}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class BatchError(ValueError):
+    """An input batch, folder or output path is not usable; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A validated source of uint8 [H, W, 3] images: an npz batch or a folder of image files."""
+
+    path: Path
+    n: int
+    height: int
+    width: int
+    files: tuple[Path, ...] = ()  # folder sources only, in sorted order
+
+    @property
+    def is_folder(self) -> bool:
+        return bool(self.files)
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version in ((2, 0), (3, 0)):
+        return np.lib.format.read_array_header_2_0(f)
+    raise BatchError(f"unsupported .npy format version {version}")
+
+
+def open_npz_batch(path: str | os.PathLike) -> ImageSource:
+    """Check that `path` is an npz with `arr_0` uint8 [N, H, W, 3], N >= 1 (headers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatchError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                raise BatchError(f"{path}: no array 'arr_0' (keys: {_keys(zf)})")
+            with zf.open("arr_0.npy") as f:
+                shape, _, dtype = _npy_header(f)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise BatchError(f"{path}: not a readable .npz file ({err})") from err
+    except ValueError as err:
+        if isinstance(err, BatchError):
+            raise
+        raise BatchError(f"{path}: arr_0 has a broken .npy header ({err})") from err
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or 0 in shape:
+        raise BatchError(
+            f"{path}: arr_0 must be uint8 images [N, H, W, 3], got {dtype} {list(shape)}"
+        )
+    return ImageSource(path, shape[0], shape[1], shape[2])
+
+
+def _keys(zf: zipfile.ZipFile) -> list[str]:
+    return [n.removesuffix(".npy") for n in zf.namelist()]
+
+
+def iter_npz_images(path: str | os.PathLike, chunk: int = 64) -> Iterator[np.ndarray]:
+    """Yield `arr_0` in chunks of [<=chunk, H, W, 3] without loading the whole array."""
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        shape, fortran, dtype = _npy_header(f)
+        if fortran:  # rare; the reference also falls back to a full load
+            images = np.load(path)["arr_0"]
+            yield from (images[s : s + chunk] for s in range(0, len(images), chunk))
+            return
+        per_image = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], chunk):
+            count = min(chunk, shape[0] - start)
+            data = bytearray(f.read(per_image * count))  # writable, for torch.from_numpy
+            if len(data) != per_image * count:
+                raise BatchError(f"{path}: arr_0 is truncated at image {start}")
+            yield np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+
+
+def read_reference_stats(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """`{"mu", "sigma", "mu_s", "sigma_s"}` (float64) if the batch stores them, else None."""
+    with np.load(path) as data:
+        present = [k for k in STATS_KEYS if k in data.files]
+        if not present:
+            return None
+        if len(present) != len(STATS_KEYS):
+            missing = sorted(set(STATS_KEYS) - set(present))
+            raise BatchError(f"{path}: has {present} but not {missing}")
+        stats = {k: np.asarray(data[k], dtype=np.float64) for k in STATS_KEYS}
+    for k, v in stats.items():
+        want = (STATS_DIMS[k],) * (1 if k.startswith("mu") else 2)
+        if v.shape != want:
+            raise BatchError(f"{path}: {k} has shape {list(v.shape)}, expected {list(want)}")
+    return stats
+
+
+def open_image_folder(path: str | os.PathLike) -> ImageSource:
+    """Check a folder (searched recursively) of same-sized image files; reads headers only."""
+    from PIL import Image
+
+    path = Path(path)
+    files = tuple(
+        sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    )
+    if not files:
+        raise BatchError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    size = None
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                this = im.size
+        except OSError as err:
+            raise BatchError(f"{p}: not a readable image ({err})") from err
+        if size is not None and this != size:
+            raise BatchError(
+                f"{p}: size {this[0]}x{this[1]} differs from {size[0]}x{size[1]} of {files[0]}; "
+                "resize or crop the dataset to one size first"
+            )
+        size = this
+    return ImageSource(path, len(files), size[1], size[0], files)
+
+
+def open_source(path: str | os.PathLike) -> ImageSource:
+    """An npz batch or an image folder."""
+    path = Path(path)
+    return open_image_folder(path) if path.is_dir() else open_npz_batch(path)
+
+
+def iter_images(source: ImageSource, chunk: int = 64) -> Iterator[np.ndarray]:
+    """Yield uint8 [<=chunk, H, W, 3] chunks of an npz batch or image folder, in order."""
+    if not source.is_folder:
+        yield from iter_npz_images(source.path, chunk)
+        return
+    from PIL import Image
+
+    for start in range(0, source.n, chunk):
+        images = []
+        for p in source.files[start : start + chunk]:
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        yield np.stack(images)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to `dest`, renamed onto it only if the block succeeds."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early if `path` cannot be written (missing folder, or a folder itself)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BatchError(f"{path}: is a folder, expected a file name")
+    if not path.parent.is_dir():
+        raise BatchError(f"{path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BatchError(f"{path}: folder {path.parent} is not writable")
+    return path
+
+
+class NpzWriter:
+    """Writes an npz member by member; `arr_0` may be streamed in chunks (zip64, uncompressed)."""
+
+    def __init__(self, path: Path):
+        self._zip = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
+
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+    @contextlib.contextmanager
+    def stream(self, name: str, shape: tuple[int, ...], dtype=np.uint8) -> Iterator:
+        """Yields `write(chunk)`; the chunks must add up to `shape` exactly."""
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": tuple(shape),
+        }
+        written = [0]
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+
+            def write(chunk: np.ndarray) -> None:
+                f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+                written[0] += len(chunk)
+
+            yield write
+        if written[0] != shape[0]:
+            raise RuntimeError(f"{name}: wrote {written[0]} rows, header says {shape[0]}")
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

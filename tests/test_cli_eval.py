@@ -1,0 +1,189 @@
+"""`adm eval` and `adm stats` end to end on tiny batches with a random-weight Inception, the
+feature cache, and one-line errors (exit 2, nothing written) on bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adm import cli, evaluate, inception
+
+ORDER = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    weights = root / "random_inception.pth"
+    torch.save(inception.random_state_dict(seed=1), weights)
+    ref = root / "ref.npz"
+    np.savez(ref, arr_0=rng.integers(0, 256, (5, 24, 24, 3), dtype=np.uint8))
+    sample = root / "sample.npz"
+    images = rng.integers(0, 256, (4, 20, 28, 3), dtype=np.uint8)
+    np.savez(sample, arr_0=images, arr_1=np.arange(4))
+    folder = root / "images"
+    (folder / "class_b").mkdir(parents=True)
+    for i in range(5):
+        sub = folder / ("class_b" if i % 2 else "")
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+    return {"root": root, "weights": weights, "ref": ref, "sample": sample, "folder": folder}
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _numbers(out: str) -> dict[str, float]:
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ORDER  # the original's order
+    return {line.split(":")[0]: float(line.split(":")[1]) for line in lines}
+
+
+@pytest.fixture(scope="module")
+def first_eval(files) -> tuple[list, dict[str, float], Path]:
+    out_json = files["root"] / "scores.json"
+    args = ["eval", files["ref"], files["sample"], "--inception-weights", files["weights"]]
+    code = cli.main([str(a) for a in [*args, "--json", out_json, "--batch-size", 3]])
+    assert code == 0
+    return args, json.loads(out_json.read_text()), out_json
+
+
+def test_eval_end_to_end(files, first_eval) -> None:
+    _, record, _ = first_eval
+    assert record["n_ref"] == 5 and record["n_sample"] == 4 and not record["ref_stats_from_file"]
+    numbers = [record[k] for k in ("inception_score", "fid", "sfid", "precision", "recall")]
+    assert np.isfinite(numbers).all() and record["inception_score"] >= 1
+    assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1
+    caches = sorted(p.name for p in files["root"].glob("*.adm-features-*.npz"))
+    assert len(caches) == 2 and caches[0].startswith("ref.npz.")
+
+
+def test_eval_again_prints_the_same_numbers_from_the_cache(first_eval, capsys, monkeypatch) -> None:
+    args, record, _ = first_eval
+
+    def no_extraction(*a, **k):
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(evaluate, "extract_features", no_extraction)
+    code, out, _ = _run(capsys, *args)
+    numbers = _numbers(out)  # checks the original's order of the five lines
+    assert code == 0 and numbers["FID"] == record["fid"] and numbers["sFID"] == record["sfid"]
+    assert numbers["Inception Score"] == record["inception_score"]
+    assert (numbers["Precision"], numbers["Recall"]) == (record["precision"], record["recall"])
+
+
+def test_stats_from_a_folder(files, capsys) -> None:
+    ref = files["root"] / "folder_ref.npz"
+    weights = ["--inception-weights", files["weights"]]
+    code, out, _ = _run(capsys, "stats", files["folder"], ref, "--num-images", 4, *weights)
+    assert code == 0 and "5 images" in out
+    with np.load(ref) as data:
+        assert data["arr_0"].shape == (4, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+        assert data["mu"].shape == (2048,) and data["sigma"].shape == (2048, 2048)
+        assert data["mu_s"].shape == (2023,) and data["sigma_s"].shape == (2023, 2023)
+        assert np.allclose(data["sigma"], data["sigma"].T) and (np.diag(data["sigma"]) >= 0).all()
+
+
+@pytest.mark.slow
+def test_eval_uses_stored_statistics_and_zero_fid_against_itself(files, capsys) -> None:
+    ref = files["root"] / "self_ref.npz"
+    weights = ["--inception-weights", files["weights"]]
+    assert _run(capsys, "stats", files["sample"], ref, *weights)[0] == 0
+    out_json = files["root"] / "self.json"
+    code, out, _ = _run(capsys, "eval", ref, files["sample"], *weights, "--no-cache",
+                        "--json", out_json)  # fmt: skip
+    numbers = _numbers(out)
+    assert code == 0 and json.loads(out_json.read_text())["ref_stats_from_file"]
+    assert abs(numbers["FID"]) < 1e-3 and abs(numbers["sFID"]) < 1e-3
+    assert numbers["Precision"] == numbers["Recall"] == 1.0
+    assert not list(files["root"].glob("self_ref.npz.adm-features-*"))
+
+
+def _bad_inputs(root: Path) -> dict[str, Path]:
+    np.savez(root / "no_arr0.npz", images=np.zeros((5, 8, 8, 3), np.uint8))
+    np.savez(root / "float.npz", arr_0=np.zeros((5, 8, 8, 3), np.float32))
+    np.savez(root / "gray.npz", arr_0=np.zeros((5, 8, 8), np.uint8))
+    np.savez(root / "tiny.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    np.savez(root / "half_stats.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8), mu=np.zeros(2048))
+    (root / "garbage.pth").write_bytes(b"\x00" * 100)
+    (root / "text.npz").write_text("not a zip")
+    return {p.stem: p for p in root.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_ref", "no such file"),
+        ("no_arr0", "no array 'arr_0'"),
+        ("float", "uint8"),
+        ("gray", "uint8 images"),
+        ("tiny", "need >= 4"),
+        ("half_stats", "but not"),
+        ("text", "not a readable .npz"),
+        ("garbage_weights", "cannot read Inception weights"),
+        ("missing_weights", "does not exist"),
+        ("json_folder_missing", "does not exist"),
+        ("bad_device", "--device"),
+    ],
+)
+def test_eval_bad_inputs_fail_in_one_line(files, capsys, tmp_path, case, message) -> None:
+    bad = _bad_inputs(tmp_path)
+    ref, sample, weights = files["ref"], files["sample"], files["weights"]
+    extra: list = []
+    if case == "missing_ref":
+        ref = tmp_path / "nope.npz"
+    elif case in ("no_arr0", "float", "gray", "tiny", "half_stats", "text"):
+        ref = bad[case]
+    elif case == "garbage_weights":
+        weights = bad["garbage"]
+    elif case == "missing_weights":
+        weights = tmp_path / "nope.pth"
+    elif case == "json_folder_missing":
+        extra = ["--json", tmp_path / "no" / "such" / "scores.json"]
+    elif case == "bad_device":
+        extra = ["--device", "cuda:0" if not torch.cuda.is_available() else "nonsense"]
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = _run(capsys, "eval", ref, sample, "--inception-weights", weights, *extra)
+    assert code == 2 and out == ""
+    assert err.startswith("adm eval: error:") and message in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_stats_bad_inputs_fail_in_one_line(files, capsys, tmp_path) -> None:
+    weights = ["--inception-weights", files["weights"]]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "a.png")
+    Image.new("RGB", (9, 8)).save(mixed / "b.png")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ((mixed, tmp_path / "o.npz"), "differs from"),
+        ((tmp_path / "empty", tmp_path / "o.npz"), "no image files"),
+        ((files["sample"], tmp_path / "no" / "o.npz"), "does not exist"),
+        ((files["sample"], tmp_path), "is a folder"),
+    ]
+    for (source, out), message in cases:
+        code, _, err = _run(capsys, "stats", source, out, *weights)
+        assert code == 2 and err.startswith("adm stats: error:") and message in err, err
+    assert not (tmp_path / "o.npz").exists()
+
+
+def _real_weights() -> Path | None:
+    path = inception.cache_dir() / inception.WEIGHTS_FILENAME
+    return path if path.is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_real_weights() is None, reason="real Inception weights not in the cache")
+def test_eval_with_the_real_weights(files, capsys) -> None:
+    code, out, _ = _run(capsys, "eval", files["ref"], files["sample"], "--no-cache")
+    assert code == 0 and np.isfinite(list(_numbers(out).values())).all()
