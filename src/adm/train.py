@@ -89,7 +89,7 @@ def run(tr: Trainer) -> dict[str, Any]:
         log = CSVLog(tr.run_dir / "log.csv", _columns(tr), resume_step=tr.step or None)
         tb = open_tensorboard(tr.run_dir)
     bar = tqdm(total=cfg.steps, initial=tr.step, disable=not (main and cfg.progress), unit="step")
-    clock, images, pending = time.perf_counter(), 0, {}
+    clock, images, pending, plotted = time.perf_counter(), 0, {}, time.monotonic()
     try:
         while tr.step < cfg.steps:
             x, y, bad = next(batches)
@@ -119,8 +119,10 @@ def run(tr: Trainer) -> dict[str, Any]:
                 sample_grid(tr, tr.run_dir / f"samples_{step:06d}.png")
             if step % cfg.save_interval == 0 or final:
                 tr.save()
-                if main:
+                # The loss-curve PNG at the end and at checkpoints, at most once a minute.
+                if main and (final or time.monotonic() - plotted > 60):
                     plot_curves(log, tr.run_dir / "loss.png", ["loss", "mse", "vb"])
+                    plotted = time.monotonic()
                 clock = time.perf_counter()
     finally:
         bar.close()

@@ -22,6 +22,7 @@ class MetricMeter:
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        self.latest: dict[str, float] = {}
 
     def add(self, name: str, value: float, count: int = 1) -> None:
         if count and math.isfinite(value):
@@ -39,12 +40,18 @@ class MetricMeter:
             if len(sel):
                 self.add(f"{name}_q{q}", sel.mean().item(), len(sel))
 
+    def set(self, name: str, value: float) -> None:
+        """A value logged as its latest setting (the learning rate, the loss scale)."""
+        self.latest[name] = value
+
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        return {**out, **self.latest}
 
     def reset(self) -> None:
         self.sums.clear()
         self.counts.clear()
+        self.latest.clear()
 
 
 class CSVLog:
@@ -54,7 +61,7 @@ class CSVLog:
         self.path, self.columns = Path(path), list(columns)
         if resume_step is not None and self.path.exists():
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(f) if _step(r) <= resume_step]
             self._write(rows)
         elif not self.path.exists() or resume_step is None:
             self._write([])
@@ -77,6 +84,14 @@ class CSVLog:
         return {
             c: np.array([float(r[c]) if r.get(c) else np.nan for r in rows]) for c in self.columns
         }
+
+
+def _step(row: dict) -> float:
+    """The step of a CSV row; a row cut short by a kill counts as past every checkpoint."""
+    try:
+        return int(row["step"]) if None not in row else math.inf
+    except (TypeError, ValueError):
+        return math.inf
 
 
 def _fmt(v: float) -> str | float:

@@ -97,7 +97,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resume = ts.latest_step(self.run_dir)
             config_file = self.run_dir / "config.json"
-            mine = preset_to_dict(self.preset)
+            mine = json.loads(json.dumps(preset_to_dict(self.preset)))
             if resume is not None and config_file.is_file():
                 theirs = json.loads(config_file.read_text())["preset"]
                 if {k: theirs.get(k) for k in ("kind", "network", "diffusion")} != {
@@ -295,9 +295,9 @@ class Trainer:
             values = stats[:, 2 + j] * (w if self.kind != "classifier" else 1)
             self.meter.add_by_quartile(name, values, t, self.diff.num_steps)
         self.meter.add("grad_norm", norm)
-        self.meter.add("lr", lr)
+        self.meter.set("lr", lr)
         if self.scaler.is_enabled():
-            self.meter.add("loss_scale", self.scaler.get_scale())
+            self.meter.set("loss_scale", self.scaler.get_scale())
 
     def to_summary(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,251 @@
+"""Training: timestep samplers, EMA, checkpoint files, and short real runs of all three kinds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adm import checkpoint, train_state
+from adm import train as trainlib
+from adm.presets import apply_overrides, build_model, get_preset
+from adm.resample import LossSecondMomentSampler, UniformSampler, create_sampler
+
+SMALL_UNET = ["unet.image_size=16", "unet.channel_mult=1,2", "unet.attention_ds=2"]
+SMALL_CLASSIFIER = [s.replace("unet.", "classifier.") for s in SMALL_UNET]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared cores: one intra-op thread is several times faster than oversubscribing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_folder(root: Path, per_class: int = 8, classes=("red", "green", "blue")) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            arr = (rng.random((20, 24, 3)) * 60).astype(np.uint8)
+            arr[..., c] += 150
+            Image.fromarray(arr).save(root / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("images"), per_class=12)
+
+
+def small_preset(name: str = "tiny_diffusion", *extra: str):
+    shape = SMALL_CLASSIFIER if name == "tiny_classifier" else SMALL_UNET
+    if name == "tiny_upsampler":
+        shape = ["unet.image_size=16", "small_size=8"]
+    return apply_overrides(get_preset(name), [*shape, *extra])
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- timestep samplers ------------------------------------------------------------------------
+
+
+def test_uniform_sampler_draws_all_timesteps_with_unit_weights() -> None:
+    t, w = UniformSampler(10).sample(2000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.int64 and set(t.tolist()) == set(range(10))
+    assert torch.equal(w, torch.ones(2000))
+
+
+def test_loss_second_moment_sampler_weights_and_state() -> None:
+    s = create_sampler("loss-second-moment", 4)
+    assert isinstance(s, LossSecondMomentSampler)
+    for _ in range(9):
+        s.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_array_equal(s.weights(), np.ones(4))  # not warmed up: uniform
+    s.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    expected = np.array([1, 2, 3, 4]) / 10 * 0.999 + 0.001 / 4  # sqrt(E[L²]) normalised + 0.1%
+    np.testing.assert_allclose(s.weights(), expected)
+    t, w = s.sample(4000, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(w.numpy(), 1 / (4 * expected[t.numpy()]), rtol=1e-6)
+    assert abs((t == 3).float().mean().item() - expected[3]) < 0.03
+    s.update(torch.tensor([0]), torch.tensor([5.0]))  # history shifts out the oldest value
+    assert s.loss_history[0, -1] == 5.0 and s.loss_counts[0] == 10
+    clone = LossSecondMomentSampler(4)
+    clone.load_state_dict(s.state_dict())
+    np.testing.assert_array_equal(clone.weights(), s.weights())
+    with pytest.raises(ValueError, match="unknown timestep sampler"):
+        create_sampler("importance", 4)
+
+
+# ---- EMA and checkpoint files -----------------------------------------------------------------
+
+
+def test_ema_follows_the_original_update() -> None:
+    model = torch.nn.Linear(2, 1)
+    ema = train_state.EMA(model, [0.5, 0.9])
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model.parameters())
+    for rate in (0.5, 0.9):
+        sd = ema.state_dict(model, rate)
+        for s0, name in zip(start, ("weight", "bias"), strict=True):
+            torch.testing.assert_close(sd[name], rate * s0 + (1 - rate) * (s0 + 1))
+
+
+def test_checkpoint_steps_prune_and_atomic_write(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        train_state.save_state(tmp_path, step, {"x": torch.ones(1) * step})
+        (tmp_path / f"model_{step:06d}.safetensors").write_bytes(b"w")
+    (tmp_path / "model_000008.safetensors").write_bytes(b"w")  # no state file: incomplete
+    assert train_state.checkpoint_steps(tmp_path) == [2, 4, 6]
+    train_state.prune(tmp_path, keep=2)
+    assert train_state.checkpoint_steps(tmp_path) == [4, 6]
+    assert not (tmp_path / "model_000002.safetensors").exists()
+    assert train_state.load_state(tmp_path, 6)["x"].item() == 6
+
+    def failing(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        train_state.atomic_write(tmp_path / "state_000010.pt", failing)
+    assert train_state.checkpoint_steps(tmp_path) == [4, 6]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# ---- real runs --------------------------------------------------------------------------------
+
+
+def test_diffusion_loss_falls_and_files_are_written(images: Path, tmp_path: Path) -> None:
+    cfg = trainlib.TrainConfig(
+        steps=24, batch_size=8, lr=2e-3, log_interval=8, save_interval=16, keep=1,
+        ema_rates=(0.9, 0.99), sample_interval=24, num_samples=4, sample_steps="ddim4",
+        progress=False,
+    )  # fmt: skip
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100")
+    setup = trainlib.prepare(
+        preset, trainlib.DataSpec(str(images), fit_classes=True), tmp_path, cfg
+    )
+    assert setup.preset.network.num_classes == 3
+    summary = trainlib.train(setup)
+    rows = read_log(tmp_path)
+    assert [int(r["step"]) for r in rows] == [8, 16, 24]
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < 0.8 * first, (first, last)
+    for key in ("mse", "vb", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_s"):
+        assert np.isfinite(float(rows[-1][key])), key
+    assert train_state.checkpoint_steps(tmp_path) == [24]  # keep=1
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "samples_000024.png").is_file()
+    _, preset = checkpoint.load_model(tmp_path / "ema_0.99_000024.safetensors")
+    assert preset.network.num_classes == 3
+    assert json.loads((tmp_path / "classes.json").read_text())["class_names"] == [
+        "blue", "green", "red",
+    ]  # fmt: skip
+    assert summary["step"] == 24 and summary["skipped_steps"] == 0
+    # The same call again finds the run finished and does nothing.
+    assert trainlib.train(setup)["finished_before"]
+
+
+def test_classifier_beats_chance_on_held_out_images(images: Path, tmp_path: Path) -> None:
+    cfg = trainlib.TrainConfig(
+        steps=60, batch_size=16, lr=2e-3, ema_rates=(), random_crop=True, anneal_lr=True,
+        eval_interval=30, eval_size=64, log_interval=10, save_interval=1000, progress=False,
+    )  # fmt: skip
+    spec = trainlib.DataSpec(str(images), fit_classes=True, val_fraction=0.34)
+    setup = trainlib.prepare(small_preset("tiny_classifier"), spec, tmp_path, cfg)
+    assert len(setup.val_source) == 12 and setup.preset.network.out_channels == 3
+    summary = trainlib.train(setup)
+    assert summary["val_acc1"] > 0.6, summary  # chance is 1/3
+    assert summary["val_acc5"] == 1.0
+    rows = read_log(tmp_path)
+    assert rows[2]["val_acc1"] and not rows[0]["val_acc1"]  # evaluations at steps 30 and 60
+    assert float(rows[-1]["lr"]) == pytest.approx(
+        2e-3 / 60, rel=1e-5
+    )  # linear anneal: lr·(1 − 59/60)
+
+
+def test_superres_training_runs_with_class_labels(images: Path, tmp_path: Path) -> None:
+    cfg = trainlib.TrainConfig(
+        steps=3, batch_size=4, microbatch=2, log_interval=1, sample_interval=3, num_samples=2,
+        sample_steps="ddim2", progress=False,
+    )  # fmt: skip
+    preset = small_preset("tiny_upsampler", "diffusion.steps=100")
+    setup = trainlib.prepare(
+        preset, trainlib.DataSpec(str(images), fit_classes=True), tmp_path, cfg
+    )
+    summary = trainlib.train(setup)
+    assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    assert (tmp_path / "samples_000003.png").is_file()
+    _, loaded = checkpoint.load_model(tmp_path / "model_000003.safetensors")
+    assert loaded.kind == "superres" and loaded.small_size == 8
+
+
+def test_non_finite_loss_is_skipped_then_stops(images: Path, tmp_path: Path, monkeypatch) -> None:
+    from adm import train_step
+
+    real = train_step.training_losses
+    bad_steps: set[int] = {1}
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] - 1 in bad_steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_step, "training_losses", flaky)
+    cfg = trainlib.TrainConfig(steps=4, batch_size=2, max_nonfinite=2, progress=False)
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100", "unet.num_classes=none")
+    setup = trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path / "a", cfg)
+    summary = trainlib.train(setup)
+    assert summary["step"] == 4 and summary["skipped_steps"] == 1
+    bad_steps.update(range(100))
+    setup = trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path / "b", cfg)
+    with pytest.raises(trainlib.TrainingError, match="non-finite loss at 2 consecutive steps"):
+        trainlib.train(setup)
+
+
+def test_label_dropout_uses_the_last_label_as_null(images: Path, tmp_path: Path) -> None:
+    cfg = trainlib.TrainConfig(steps=1, label_dropout=0.2, progress=False)
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100")
+    setup = trainlib.prepare(
+        preset, trainlib.DataSpec(str(images), fit_classes=True), tmp_path, cfg
+    )
+    assert setup.preset.network.num_classes == 4 and setup.null_label == 3
+    setup = trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path, cfg)  # 1000 rows
+    assert setup.null_label == 999
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        trainlib.prepare(
+            apply_overrides(preset, ["unet.num_classes=none"]),
+            trainlib.DataSpec(str(images)), tmp_path, cfg,
+        )  # fmt: skip
+
+
+def test_fine_tuning_starts_from_the_checkpoint(images: Path, tmp_path: Path) -> None:
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100", "unet.num_classes=3")
+    torch.manual_seed(5)
+    start = build_model(preset)
+    checkpoint.save_model(start, preset, tmp_path / "start.safetensors")
+    cfg = trainlib.TrainConfig(steps=1, batch_size=2, lr=1e-6, ema_rates=(0.5,), progress=False)
+    setup = trainlib.prepare(
+        preset, trainlib.DataSpec(str(images)), tmp_path / "run", cfg,
+        init_from=str(tmp_path / "start.safetensors"),
+    )  # fmt: skip
+    trainlib.train(setup)
+    tuned = checkpoint.load_state_dict(tmp_path / "run" / "model_000001.safetensors")
+    for name, p in start.state_dict().items():
+        torch.testing.assert_close(tuned[name], p, atol=2e-6, rtol=0)  # one step of lr 1e-6

@@ -1,0 +1,131 @@
+"""Fault and distribution tests with real processes: a training run killed with SIGKILL and
+rerun ends bitwise equal to an uninterrupted one (CPU), and 2 gloo processes under torchrun give
+the parameters of 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adm import checkpoint, train_state
+
+STEPS = 6
+ARGS = [
+    "--preset", "tiny_diffusion", "--set", "unet.image_size=16", "--set", "unet.channel_mult=1,2",
+    "--set", "unet.attention_ds=2", "--set", "diffusion.steps=100", "--fit-classes",
+    "--label-dropout", "0.2", "--steps", str(STEPS), "--batch-size", "4", "--microbatch", "3",
+    "--save-interval", "2", "--log-interval", "2", "--ema-rate", "0.9,0.99",
+    "--timestep-sampler", "loss-second-moment", "--lr", "1e-4", "--no-progress",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _adm(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "adm.cli", "train", *ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["red", "green", "blue"]):
+        for i in range(4):
+            arr = (rng.random((20, 20, 3)) * 60).astype(np.uint8)
+            arr[..., c] += 150
+            Image.fromarray(arr).save(root / f"{name}_{i}.png")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Background:
+    """Processes started at once (the 2 cores are used while another process imports torch)."""
+
+    def __init__(self, images: Path, root: Path):
+        self.reference, self.gloo = root / "reference", root / "gloo"
+        launcher = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "adm.cli", "train",
+        ]  # fmt: skip
+        self.procs = {
+            "reference": _start(_adm("--data", str(images), "--out", str(self.reference))),
+            "gloo": _start([*launcher, *ARGS, "--data", str(images), "--out", str(self.gloo)]),
+        }
+
+    def wait(self, name: str) -> Path:
+        proc = self.procs[name]
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        return getattr(self, name)
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def background(images: Path, tmp_path_factory) -> Background:
+    """One uninterrupted single-process run and one 2-process gloo run, in the background."""
+    runs = Background(images, tmp_path_factory.mktemp("runs"))
+    yield runs
+    for proc in runs.procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _weights(run_dir: Path, step: int = STEPS) -> dict[str, dict[str, torch.Tensor]]:
+    names = ["model", "ema_0.9", "ema_0.99"]
+    return {n: checkpoint.load_state_dict(run_dir / f"{n}_{step:06d}.safetensors") for n in names}
+
+
+def test_sigkill_mid_run_then_rerun_is_bitwise_equal(images: Path, background, tmp_path):
+    cmd = _adm("--data", str(images), "--out", str(tmp_path))
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "state_000002.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    done = train_state.checkpoint_steps(tmp_path)
+    assert 2 in done and STEPS not in done, done  # killed mid-run, not after the end
+    subprocess.run(cmd, env=ENV, check=True, timeout=300, capture_output=True)
+    reference = background.wait("reference")
+    ours, theirs = _weights(tmp_path), _weights(reference)
+    for name in ours:
+        for key in theirs[name]:
+            assert torch.equal(ours[name][key], theirs[name][key]), (name, key)
+    a, b = train_state.load_state(tmp_path, STEPS), train_state.load_state(reference, STEPS)
+    for key, value in b["optimizer"]["state"].items():
+        assert torch.equal(a["optimizer"]["state"][key]["exp_avg_sq"], value["exp_avg_sq"])
+    assert torch.equal(a["sampler"]["loss_history"], b["sampler"]["loss_history"])
+    # The log holds each step once, with the same losses.
+    ours_log = (tmp_path / "log.csv").read_text().splitlines()
+    ref_log = (reference / "log.csv").read_text().splitlines()
+    assert [r.split(",")[:5] for r in ours_log] == [r.split(",")[:5] for r in ref_log]
+
+
+def test_two_gloo_processes_equal_one_process(background) -> None:
+    ours, theirs = _weights(background.wait("gloo")), _weights(background.wait("reference"))
+    for name in ours:
+        for key in theirs[name]:
+            torch.testing.assert_close(ours[name][key], theirs[name][key], rtol=0, atol=1e-4)
+    # Every rank's RNG state is in the training-state file; rank 0 alone writes the log.
+    assert len(train_state.load_state(background.gloo, STEPS)["rng"]) == 2
+    assert len((background.gloo / "log.csv").read_text().splitlines()) == STEPS // 2 + 1
