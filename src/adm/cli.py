@@ -26,6 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_flags_command(sub)
     _add_eval_command(sub)
     _add_stats_command(sub)
+    _add_train_command(sub)
     return parser
 
 
@@ -210,6 +211,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     print(f"wrote {out}: statistics of {source.n} images, {kept} of them in arr_0")
     return 0
 
+
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    """`adm train`, `adm train-classifier`, `adm train-superres` (options in `adm.cli_train`)."""
+    from adm import cli_train
+
+    cli_train.add_commands(sub)
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
