@@ -212,12 +212,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _add_train_command(sub: argparse._SubParsersAction) -> None:
     """`adm train`, `adm train-classifier`, `adm train-superres` (options in `adm.cli_train`)."""
     from adm import cli_train
 
     cli_train.add_commands(sub)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
