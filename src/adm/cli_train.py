@@ -66,7 +66,7 @@ def _options(p: argparse.ArgumentParser, kind: str) -> None:
       help="override a preset field, e.g. --set unet.dropout=0.1")  # fmt: skip
     a("--steps", type=int, help="total optimisation steps")
     a("--batch-size", type=int, help="GLOBAL batch size over all processes (default 8)")
-    a("--microbatch", type=int, help="images per forward/backward on one process")
+    a("--microbatch", type=int, help="images per forward/backward on one process (-1: all)")
     a("--lr", type=float, help="learning rate (default 1e-4; classifier 3e-4)")
     a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     a("--anneal-lr", action="store_true", default=None, help="anneal the LR linearly to 0")
@@ -274,7 +274,7 @@ def _train_config(args: argparse.Namespace, kind: str):
     values = dict(
         steps=args.steps,
         batch_size=args.batch_size or 8,
-        microbatch=args.microbatch,
+        microbatch=args.microbatch if args.microbatch and args.microbatch > 0 else None,
         lr=args.lr if args.lr is not None else (3e-4 if classifier else 1e-4),
         weight_decay=args.weight_decay or 0.0,
         anneal_lr=bool(args.anneal_lr),

@@ -1,0 +1,118 @@
+"""`adm train*` commands: dry runs, the original's flags, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adm.cli import main
+
+SMALL = ["--set", "unet.image_size=16", "--set", "unet.channel_mult=1,2",
+         "--set", "unet.attention_ds=2", "--set", "diffusion.steps=100"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _folder(root: Path, classes=("a", "b"), per_class: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            arr = np.full((12, 12, 3), 40 * (c + 1), dtype=np.uint8)
+            Image.fromarray(arr).save(root / f"{name}_{i}.png")
+    return root
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path: Path, capsys) -> None:
+    data = _folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny_diffusion", *SMALL, "--data", str(data), "--out", str(out),
+            "--steps", "5", "--fit-classes", "--label-dropout", "0.1", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["preset"]["network"]["num_classes"] == 3  # 2 classes + the null label
+    assert resolved["data"]["class_names"] == ["a", "b"] and resolved["data"]["null_label"] == 2
+    assert resolved["train"]["steps"] == 5 and resolved["train"]["ema_rates"] == [0.9999]
+    assert not out.exists()
+
+
+def test_original_flag_names_are_accepted(tmp_path: Path, capsys) -> None:
+    data = _folder(tmp_path / "imgs")
+    argv = ["train", "--data_dir", str(data), "--out", str(tmp_path / "run"), "--dry-run",
+            "--lr_anneal_steps", "7", "--batch_size", "2", "--ema_rate", "0.999,0.9",
+            "--lr", "3e-4", "--schedule_sampler", "loss-second-moment", "--microbatch", "-1",
+            "--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1",
+            "--channel_mult", "1,2", "--attention_resolutions", "8", "--learn_sigma", "True",
+            "--diffusion_steps", "100", "--use_fp16", "True"]  # fmt: skip
+    assert main(argv) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    train = resolved["train"]
+    assert (train["steps"], train["anneal_lr"], train["batch_size"]) == (7, True, 2)
+    assert train["ema_rates"] == [0.999, 0.9] and train["lr"] == 3e-4
+    assert train["timestep_sampler"] == "loss-second-moment" and train["microbatch"] is None
+    assert train["precision"] == "fp16"
+    net, diffusion = resolved["preset"]["network"], resolved["preset"]["diffusion"]
+    assert (net["model_channels"], net["out_channels"], net["attention_ds"]) == (32, 6, [2])
+    assert diffusion["steps"] == 100 and diffusion["var_type"] == "learned_range"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "no images"),
+        ("one_class", "at least 2 classes, found 1"),
+        ("wrong_kind", "is a diffusion preset: use `adm train`"),
+        ("no_steps", "pass --steps"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys, case: str, message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    _folder(tmp_path / "one", classes=("cat",))
+    data = {"empty": "empty", "one_class": "one"}.get(case, "one")
+    command = "train-classifier" if case == "wrong_kind" else "train"
+    argv = [command, "--preset", "tiny_diffusion", "--data", str(tmp_path / data),
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    argv += [] if case == "no_steps" else ["--steps", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_corrupt_image_stops_or_is_skipped(tmp_path: Path, capsys) -> None:
+    data = _folder(tmp_path / "imgs")
+    (data / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    base = ["train", "--preset", "tiny_diffusion", *SMALL, "--data", str(data), "--steps", "2",
+            "--batch-size", "7", "--set", "unet.num_classes=none", "--no-progress"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "r1")]) == 1
+    assert "a_broken.png" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "r2"), "--skip-bad-images"]) == 0
+    with open(tmp_path / "r2" / "log.csv", newline="") as f:
+        assert [row["bad_images"] for row in csv.DictReader(f)] == ["1"]
+
+
+def test_classifier_and_superres_commands_run(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "imgs", per_class=4)
+    clf = ["train-classifier", "--preset", "tiny_classifier", "--data", str(data),
+           "--out", str(tmp_path / "clf"), "--steps", "2", "--batch-size", "4", "--fit-classes",
+           "--eval-interval", "2", "--no-progress"]  # fmt: skip
+    clf += [a.replace("unet.", "classifier.") for a in SMALL[:6]]
+    assert main(clf) == 0
+    assert (tmp_path / "clf" / "model_000002.safetensors").is_file()
+    sr = ["train-superres", "--preset", "tiny_upsampler", "--data", str(data),
+          "--out", str(tmp_path / "sr"), "--steps", "1", "--batch-size", "2",
+          "--set", "unet.image_size=16", "--set", "small_size=8", "--no-progress",
+          "--set", "unet.num_classes=none"]  # fmt: skip
+    assert main(sr) == 0
+    # A different model in the same run folder is refused, not silently mixed.
+    assert main([*sr[:-2], "--set", "unet.num_classes=5", "--fit-classes"]) == 1
