@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adm import __version__
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+from adm import __version__, cli_models, cli_sample
+from adm.errors import UserError
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -24,6 +21,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_flags_command(sub)
+    cli_models.add_commands(sub)
+    cli_sample.add_commands(sub)
     _add_eval_command(sub)
     _add_stats_command(sub)
     _add_train_command(sub)

@@ -1,0 +1,128 @@
+"""`adm presets`, `adm info`, `adm convert`, `adm fetch` run as a user would (in-process)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adm.checkpoint import load_state_dict, read_preset
+from adm.cli import main
+from adm.presets import RELEASED, build_model, get_preset
+from loopback_http import Served, serve
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def tiny_pt(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "downloaded.pt"
+    torch.save(build_model(get_preset("tiny_classifier")).state_dict(), path)
+    return path
+
+
+def test_presets_table_lists_every_preset_with_exact_counts(capsys) -> None:
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    for name in RELEASED:
+        assert name in out
+    assert "553,838,086" in out and "65,438,568" in out
+    assert "DDPM 250 steps, 256x256_classifier scale 10.0" in out
+    code, out, _ = run(capsys, "presets", "--json")
+    data = json.loads(out)
+    assert data["128x128_diffusion"]["num_parameters"] == 421_529_606
+    assert data["64_256_upsampler"]["small_size"] == 64
+
+
+def test_info_of_a_preset_name(capsys) -> None:
+    code, out, _ = run(capsys, "info", "256x256_diffusion")
+    assert code == 0
+    assert "553,838,086" in out and "float32" in out
+    assert "attention_ds             (8, 16, 32)" in out
+    code, out, _ = run(capsys, "info", "256x256_diffusion", "--set", "unet.num_classes=none")
+    assert "552,814,086" in out and "unet.num_classes=none" in out
+    # The original's flags, pasted verbatim after the name.
+    code, out, _ = run(capsys, "info", "256x256_diffusion", "--json", "--dropout", "0.3")
+    assert json.loads(out)["preset"]["network"]["dropout"] == 0.3
+
+
+def test_info_of_a_released_format_file(capsys, tiny_pt: Path) -> None:
+    code, out, _ = run(capsys, "info", str(tiny_pt))
+    assert code == 0
+    assert "tiny_classifier" in out and "recognised from key names and shapes" in out
+    assert "644,200" in out and "dtype         float32" in out
+
+
+def test_convert_round_trip_and_info(capsys, tmp_path: Path, tiny_pt: Path) -> None:
+    st_path, back = tmp_path / "c.safetensors", tmp_path / "back.pt"
+    assert run(capsys, "convert", str(tiny_pt), str(st_path))[0] == 0
+    code, out, _ = run(capsys, "info", str(st_path))
+    assert code == 0 and "adm metadata" in out
+    assert read_preset(st_path).name == "tiny_classifier"
+    assert run(capsys, "convert", str(st_path), str(back))[0] == 0
+    a, b = load_state_dict(tiny_pt), load_state_dict(back)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = run(capsys, "convert", str(st_path), str(back))
+    assert code == 2 and "--force" in err
+    half = tmp_path / "half.safetensors"
+    assert run(capsys, "convert", str(back), str(half), "--dtype", "fp16")[0] == 0
+    assert "dtype         float16" in run(capsys, "info", str(half))[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "256x256_difusion"], "did you mean 256x256_diffusion"),
+        (["info", "tiny_diffusion", "--set", "unet.dropout=lots"], "expected float"),
+        (["info", "tiny_diffusion", "--num_chanels", "3"], "did you mean --num_channels"),
+        (["convert", "missing.pt", "out.safetensors"], "no such file"),
+        (["convert", "a.pt", "b.bin"], "must end in .safetensors or .pt"),
+        (["fetch", "stable_diffusion"], "unknown preset"),
+        (["fetch", "tiny_diffusion"], "no released weights"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(capsys, argv: list[str], message: str) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+
+
+def test_info_and_convert_report_bad_files(capsys, tmp_path: Path) -> None:
+    page = tmp_path / "256x256_diffusion.pt"
+    page.write_text("<html><body>Access denied</body></html>")
+    code, _, err = run(capsys, "info", str(page))
+    assert code == 2 and "HTML" in err and str(page) in err
+    code, _, err = run(capsys, "convert", str(page), str(tmp_path / "x.safetensors"))
+    assert code == 2 and "HTML" in err
+
+
+def test_fetch_from_a_loopback_server(capsys, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(build_model(get_preset("tiny_classifier")).state_dict(), buffer)
+    with serve(Served(files={"/tiny.pt": buffer.getvalue()})) as served:
+        code, out, _ = run(capsys, "fetch", "tiny_classifier", "--cache-dir", str(tmp_path),
+                           "--url", served.base_url + "/tiny.pt", "--no-progress")  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "tiny_classifier.pt").read_bytes() == buffer.getvalue()
+    assert str(tmp_path / "tiny_classifier.pt") in out
+
+
+def test_console_script_entry_point() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from adm.cli import main; sys.exit(main())", "info",
+         "128x128_classifier"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "42,568,040" in result.stdout
