@@ -116,3 +116,17 @@ def test_classifier_and_superres_commands_run(tmp_path: Path) -> None:
     assert main(sr) == 0
     # A different model in the same run folder is refused, not silently mixed.
     assert main([*sr[:-2], "--set", "unet.num_classes=5", "--fit-classes"]) == 1
+
+
+def test_classes_from_file_fixes_the_label_indices(tmp_path: Path, capsys) -> None:
+    data = _folder(tmp_path / "imgs")  # classes a, b
+    names = tmp_path / "names.txt"
+    names.write_text("z\nb\na\n")
+    argv = ["train", "--preset", "tiny_diffusion", *SMALL, "--data", str(data), "--dry-run",
+            "--out", str(tmp_path / "r"), "--steps", "1", "--classes-from", str(names)]  # fmt: skip
+    assert main(argv) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["data"]["class_names"] == ["z", "b", "a"]
+    names.write_text("z\nb\n")
+    assert main(argv) == 2
+    assert "classes ['a'] are not in the class map" in capsys.readouterr().err

@@ -78,6 +78,9 @@ def _options(p: argparse.ArgumentParser, kind: str) -> None:
     a("--labels", choices=["filename", "folder"], default="filename",
       help="class from the text before the first '_' of the file name (the original's rule) "
       "or from the top-level sub-folder")  # fmt: skip
+    a("--classes-from", metavar="FILE",
+      help="the class -> index map: a run's classes.json or a file with one class name per "
+      "line in index order (e.g. the 1000 ImageNet WNIDs, to fine-tune on a subset)")  # fmt: skip
     a("--fit-classes", action="store_true",
       help="resize the label embedding / classifier head to the data's classes")  # fmt: skip
     a("--random-crop", action=argparse.BooleanOptionalAction, default=kind == "classifier",
@@ -236,6 +239,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UserError("pass --steps (or the original's --lr_anneal_steps / --iterations)")
     try:
         preset, classes = _resolve_preset(args, kind, model_tokens)
+        if args.classes_from:
+            classes = _read_class_names(args.classes_from)
         config = _train_config(args, kind)
         spec = trainlib.DataSpec(
             args.data, labels=args.labels, val_path=getattr(args, "val_data", None),
@@ -261,6 +266,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in summary.items() if "_q" not in k}, indent=2))
     return 0
+
+
+def _read_class_names(path: str) -> tuple[str, ...]:
+    """Class names in index order from a classes.json of a run or a one-name-per-line file."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        names = json.loads(text)
+        names = names["class_names"] if isinstance(names, dict) else names
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(set(names)) != len(names) or not names:
+        raise UserError(f"{path}: expected distinct class names")
+    return tuple(str(n) for n in names)
 
 
 def _train_config(args: argparse.Namespace, kind: str):

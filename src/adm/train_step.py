@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class Trainer:
     def __init__(self, setup: RunSetup, info: dist.DistInfo):
         self.setup, self.info, self.cfg = setup, info, setup.config
         self.preset, self.kind, self.device = setup.preset, setup.preset.kind, info.device
-        self.run_dir = setup.run_dir
+        self.run_dir = Path(setup.run_dir)
         self.amp = amp_dtype(self.cfg.precision, self.device)
         self.diff = Diffusion.from_config(self.preset.diffusion)
         self.sampler = create_sampler(self.cfg.timestep_sampler, self.diff.num_steps)
