@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adm import cli, evaluate, inception
+from adm import batches, cli, evaluate, inception, metrics
 
 ORDER = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 
@@ -67,13 +67,27 @@ def test_eval_end_to_end(files, first_eval) -> None:
     assert len(caches) == 2 and caches[0].startswith("ref.npz.")
 
 
-def test_eval_again_prints_the_same_numbers_from_the_cache(first_eval, capsys, monkeypatch) -> None:
-    args, record, _ = first_eval
+def test_features_come_back_from_the_cache(files, first_eval, monkeypatch) -> None:
+    _, record, _ = first_eval
 
     def no_extraction(*a, **k):
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(evaluate, "extract_features", no_extraction)
+    model = inception.load_inception(files["weights"])
+    ref, sample = (batches.open_npz_batch(files[k]) for k in ("ref", "sample"))
+    ref_feats = evaluate.batch_features(ref, model)
+    sample_feats = evaluate.batch_features(sample, model)
+    assert sample_feats.pool.shape == (4, 2048) and sample_feats.logits.shape == (4, 1008)
+    assert metrics.inception_score(sample_feats.logits) == record["inception_score"]
+    pr = metrics.precision_recall(ref_feats.pool, sample_feats.pool)
+    assert (pr.precision, pr.recall) == (record["precision"], record["recall"])
+
+
+@pytest.mark.slow
+def test_eval_again_prints_the_same_numbers_from_the_cache(first_eval, capsys, monkeypatch) -> None:
+    args, record, _ = first_eval
+    monkeypatch.setattr(evaluate, "extract_features", None)  # would fail if called
     code, out, _ = _run(capsys, *args)
     numbers = _numbers(out)  # checks the original's order of the five lines
     assert code == 0 and numbers["FID"] == record["fid"] and numbers["sFID"] == record["sfid"]
@@ -99,8 +113,9 @@ def test_eval_uses_stored_statistics_and_zero_fid_against_itself(files, capsys) 
     weights = ["--inception-weights", files["weights"]]
     assert _run(capsys, "stats", files["sample"], ref, *weights)[0] == 0
     out_json = files["root"] / "self.json"
-    code, out, _ = _run(capsys, "eval", ref, files["sample"], *weights, "--no-cache",
-                        "--json", out_json)  # fmt: skip
+    code, out, _ = _run(
+        capsys, "eval", ref, files["sample"], *weights, "--no-cache", "--json", out_json
+    )
     numbers = _numbers(out)
     assert code == 0 and json.loads(out_json.read_text())["ref_stats_from_file"]
     assert abs(numbers["FID"]) < 1e-3 and abs(numbers["sFID"]) < 1e-3
