@@ -143,9 +143,16 @@ def _inception_from_args(args: argparse.Namespace):
         raise UserError(f"--device {args.device}: CUDA is not available")
     try:
         weights = inception.resolve_weights(args.inception_weights)
-        return inception.load_inception(weights, device)
+        model = inception.load_inception(weights, device)
     except inception.WeightsError as err:
         raise UserError(str(err)) from err
+    if model.weights_id != inception.WEIGHTS_SHA256:
+        print(
+            f"note: {weights} is not {inception.WEIGHTS_FILENAME} (SHA-256 differs): numbers are "
+            "not comparable with published ones",
+            file=sys.stderr,
+        )
+    return model
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
