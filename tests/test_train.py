@@ -249,3 +249,23 @@ def test_fine_tuning_starts_from_the_checkpoint(images: Path, tmp_path: Path) ->
     tuned = checkpoint.load_state_dict(tmp_path / "run" / "model_000001.safetensors")
     for name, p in start.state_dict().items():
         torch.testing.assert_close(tuned[name], p, atol=2e-6, rtol=0)  # one step of lr 1e-6
+
+
+def test_label_dropout_replaces_labels_at_the_given_rate(images: Path, tmp_path, monkeypatch):
+    from adm import train_step
+
+    seen: list[torch.Tensor] = []
+    real = train_step.training_losses
+
+    def spy(*args, model_kwargs=None, **kwargs):
+        seen.append(model_kwargs["y"].clone())
+        return real(*args, model_kwargs=model_kwargs, **kwargs)
+
+    monkeypatch.setattr(train_step, "training_losses", spy)
+    cfg = trainlib.TrainConfig(steps=4, batch_size=16, label_dropout=0.5, progress=False)
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100")
+    spec = trainlib.DataSpec(str(images), fit_classes=True)
+    trainlib.train(trainlib.prepare(preset, spec, tmp_path, cfg))
+    labels = torch.cat(seen)
+    null = (labels == 3).float().mean().item()
+    assert set(labels.tolist()) == {0, 1, 2, 3} and 0.3 < null < 0.7

@@ -121,7 +121,8 @@ def run(tr: Trainer) -> dict[str, Any]:
                 tr.save()
                 # The loss-curve PNG at the end and at checkpoints, at most once a minute.
                 if main and (final or time.monotonic() - plotted > 60):
-                    plot_curves(log, tr.run_dir / "loss.png", ["loss", "mse", "vb"])
+                    keys = ["val_loss"] if tr.kind == "classifier" else ["mse", "vb"]
+                    plot_curves(log, tr.run_dir / "loss.png", ["loss", *keys])
                     plotted = time.monotonic()
                 clock = time.perf_counter()
     finally:

@@ -111,10 +111,6 @@ class RunSetup:
     init_from: str | None = None
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def conditional(self) -> bool:
-        return self.preset.kind == "classifier" or self.preset.network.num_classes is not None
-
     def class_map(self) -> dict[str, Any]:
         return {
             "class_names": list(self.class_names),
