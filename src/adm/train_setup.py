@@ -19,6 +19,7 @@ import numpy as np
 from adm import data as datalib
 from adm.presets import Preset, preset_to_dict
 from adm.resample import SamplerName
+from adm.schedule import space_timesteps
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -169,6 +170,11 @@ def prepare(
     cond = preset.kind == "classifier" or preset.network.num_classes is not None
     wants_cond = cond or data.fit_classes
     source = datalib.open_source(data.path, labelled=wants_cond, rule=data.labels)
+    if config.sample_interval and preset.kind != "classifier":
+        try:
+            space_timesteps(preset.diffusion.steps, config.sample_steps)
+        except ValueError as err:
+            raise ValueError(f"--sample-steps: {err}") from None
     if config.label_dropout and preset.kind == "classifier":
         raise ValueError("label dropout is for diffusion models, not classifiers")
     if config.label_dropout and not wants_cond:
