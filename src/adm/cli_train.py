@@ -113,22 +113,14 @@ def _options(p: argparse.ArgumentParser, kind: str) -> None:
 
 def _split_original(tokens: list[str]) -> tuple[dict[str, str], list[str]]:
     """(the original scripts' own flags, the model/diffusion flags) of a pasted flag line."""
-    script, model, i = {}, [], 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise UserError(f"unexpected argument {token!r}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(tokens):
-                raise UserError(f"flag --{key} has no value")
-            i += 1
-            value = tokens[i]
-        if key in _SCRIPT_FLAGS:
-            script[key] = value
-        else:
-            model += [f"--{key}", value]
-        i += 1
+    from adm.flags import flag_pairs
+
+    try:
+        pairs = flag_pairs(tokens)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    script = {k: v for k, v in pairs if k in _SCRIPT_FLAGS}
+    model = [t for k, v in pairs if k not in _SCRIPT_FLAGS for t in (f"--{k}", v)]
     return script, model
 
 

@@ -82,33 +82,39 @@ _LOSS_TYPES = {
 }
 
 
+def flag_pairs(tokens: str | Sequence[str]) -> list[tuple[str, str]]:
+    """`--key value` / `--key=value` tokens -> [(key, value text), ...], in order, untyped."""
+    if isinstance(tokens, str):
+        tokens = tokens.split()
+    tokens = list(tokens)
+    pairs, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ValueError(f"expected a flag such as --num_channels, got {token!r}")
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(tokens):
+                raise ValueError(f"flag --{key} has no value")
+            i, value = i + 1, tokens[i + 1]
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
 def parse_flag_line(tokens: str | Sequence[str]) -> dict[str, Any]:
     """`--key value` pairs of the original's scripts -> a dict typed by the original's defaults.
 
     Booleans accept yes/true/t/y/1 and no/false/f/n/0. Unknown flags raise `ValueError` with the
     closest known names.
     """
-    if isinstance(tokens, str):
-        tokens = tokens.split()
-    tokens = list(tokens)
     out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ValueError(f"expected a flag such as --num_channels, got {token!r}")
-        key, _, value = token[2:].partition("=")
-        if not _:
-            if i + 1 >= len(tokens):
-                raise ValueError(f"flag --{key} has no value")
-            i += 1
-            value = tokens[i]
+    for key, value in flag_pairs(tokens):
         if key not in ALL_DEFAULTS:
             close = difflib.get_close_matches(key, list(ALL_DEFAULTS), n=3)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
             raise ValueError(f"unknown flag --{key}{hint}")
         out[key] = _typed(key, value, ALL_DEFAULTS[key])
-        i += 1
     return out
 
 
@@ -133,7 +139,7 @@ def _check_known(flags: Mapping[str, Any], known: Mapping[str, Any], what: str) 
     return {**known, **flags}
 
 
-def _attention_ds(resolutions: str, image_size: int) -> tuple[int, ...]:
+def attention_ds(resolutions: str, image_size: int) -> tuple[int, ...]:
     """The flags give attention resolutions in pixels; the networks take downsample factors."""
     out = []
     for r in str(resolutions).split(","):
@@ -149,7 +155,7 @@ def _attention_ds(resolutions: str, image_size: int) -> tuple[int, ...]:
 def _channel_mult(channel_mult: str, image_size: int) -> tuple[float, ...]:
     if channel_mult:
         # The original int-parses each entry; fractions are accepted here (e.g. "0.5,1,1,2").
-        return tuple(_number(m) for m in str(channel_mult).split(","))
+        return tuple(parse_number(m) for m in str(channel_mult).split(","))
     if image_size not in CHANNEL_MULT_BY_SIZE:
         raise ValueError(
             f"no default channel_mult for image size {image_size} "
@@ -158,7 +164,7 @@ def _channel_mult(channel_mult: str, image_size: int) -> tuple[float, ...]:
     return CHANNEL_MULT_BY_SIZE[image_size]
 
 
-def _number(text: str) -> float:
+def parse_number(text: str) -> float:
     value = float(text)
     return int(value) if value.is_integer() else value
 
@@ -226,7 +232,7 @@ def unet_from_flags(flags: Mapping[str, Any]) -> UNetConfig:
         model_channels=int(f["num_channels"]),
         out_channels=6 if f["learn_sigma"] else 3,
         num_res_blocks=int(f["num_res_blocks"]),
-        attention_ds=_attention_ds(f["attention_resolutions"], size),
+        attention_ds=attention_ds(f["attention_resolutions"], size),
         dropout=float(f["dropout"]),
         channel_mult=_channel_mult(f["channel_mult"], size),
         num_classes=1000 if f["class_cond"] else None,
@@ -265,7 +271,7 @@ def classifier_from_flags(flags: Mapping[str, Any]) -> ClassifierConfig:
         model_channels=int(f["classifier_width"]),
         out_channels=1000,
         num_res_blocks=int(f["classifier_depth"]),
-        attention_ds=_attention_ds(f["classifier_attention_resolutions"], size),
+        attention_ds=attention_ds(f["classifier_attention_resolutions"], size),
         channel_mult=_channel_mult("", size),
         num_head_channels=64,
         use_scale_shift_norm=bool(f["classifier_use_scale_shift_norm"]),

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from adm.diffusion import DiffusionConfig
-from adm.flags import CHANNEL_MULT_BY_SIZE, diffusion_from_flags, parse_flag_line
+from adm.flags import (
+    CHANNEL_MULT_BY_SIZE,
+    attention_ds,
+    diffusion_from_flags,
+    flag_pairs,
+    parse_flag_line,
+    parse_number,
+)
 
 if TYPE_CHECKING:
     from adm.presets import Preset
@@ -165,7 +172,7 @@ _FILE_FLAGS = ("model_path", "classifier_path", "base_samples", "data_dir", "res
 
 def _flag_changes(preset: Preset, tokens: list[str]) -> dict[str, dict[str, Any]]:
     """Field changes meaning what the original's flags mean, relative to `preset`."""
-    pairs = _flag_pairs(tokens)
+    pairs = flag_pairs(tokens)
     for key, _ in pairs:
         if key in _FILE_FLAGS:
             raise ValueError(f"--{key} names a file, not a setting: pass the file on its own")
@@ -198,22 +205,6 @@ def _flag_changes(preset: Preset, tokens: list[str]) -> dict[str, dict[str, Any]
     return out
 
 
-def _flag_pairs(tokens: list[str]) -> list[tuple[str, str]]:
-    pairs, i = [], 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ValueError(f"expected a flag such as --num_channels, got {token!r}")
-        key, sep, value = token[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(tokens):
-                raise ValueError(f"flag --{key} has no value")
-            i, value = i + 1, tokens[i + 1]
-        pairs.append((key, value))
-        i += 1
-    return pairs
-
-
 def _network_changes(preset: Preset, flags: dict[str, Any]) -> dict[str, Any]:
     net, classifier = preset.network, preset.kind == "classifier"
     size_flag = "large_size" if preset.kind == "superres" else "image_size"
@@ -233,9 +224,9 @@ def _network_changes(preset: Preset, flags: dict[str, Any]) -> dict[str, Any]:
     attention = "classifier_attention_resolutions" if classifier else "attention_resolutions"
     pixels = flags.get(attention, ",".join(str(net.image_size // ds) for ds in net.attention_ds))
     if attention in flags or size != net.image_size:
-        out["attention_ds"] = tuple(_attention_ds(pixels, size))
+        out["attention_ds"] = attention_ds(pixels, size)
     if "channel_mult" in flags and flags["channel_mult"] and not classifier:
-        out["channel_mult"] = tuple(_number(m) for m in flags["channel_mult"].split(","))
+        out["channel_mult"] = tuple(parse_number(m) for m in flags["channel_mult"].split(","))
     elif size != net.image_size or flags.get("channel_mult") == "":
         # The original picks the multipliers by image size (super-res: by its large size).
         lookup = 256 if preset.kind == "superres" and size == 512 else size
@@ -243,22 +234,6 @@ def _network_changes(preset: Preset, flags: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"no default channel_mult for image size {size}; set channel_mult")
         out["channel_mult"] = CHANNEL_MULT_BY_SIZE[lookup]
     return out
-
-
-def _attention_ds(pixels: str, size: int) -> list[int]:
-    out = []
-    for text in str(pixels).split(","):
-        if text.strip():
-            res = int(text)
-            if res <= 0 or size % res:
-                raise ValueError(f"attention resolution {res} does not divide image size {size}")
-            out.append(size // res)
-    return out
-
-
-def _number(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value.is_integer() else value
 
 
 def _diffusion_flags(config: DiffusionConfig) -> dict[str, Any]:

@@ -129,17 +129,14 @@ def ddpm_sample_progressive(
     progress: bool = False,
 ) -> Iterator[SampleStep]:
     """Ancestral sampling from x_T = `noise` [N, C, H, W], yielding every step (t = T'−1 … 0)."""
-    x = noise
-    for k, i in enumerate(_steps(diff, progress, "DDPM")):
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            x, pred_x0 = ddpm_step(
-                model_fn, diff, x, t,
-                noise=None if step_noises is None else step_noises[k], generator=generator,
-                cond_fn=cond_fn, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                model_kwargs=model_kwargs,
-            )  # fmt: skip
-        yield SampleStep(i, x, pred_x0)
+
+    def step(x: Tensor, t: Tensor, noise_k: Tensor | None) -> tuple[Tensor, Tensor]:
+        return ddpm_step(
+            model_fn, diff, x, t, noise=noise_k, generator=generator, cond_fn=cond_fn,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+        )  # fmt: skip
+
+    return _loop(step, diff, noise, step_noises, progress, "DDPM")
 
 
 def ddpm_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
@@ -206,17 +203,14 @@ def ddim_sample_progressive(
     progress: bool = False,
 ) -> Iterator[SampleStep]:
     """DDIM sampling from x_T = `noise`, yielding every step (t = T'−1 … 0)."""
-    x = noise
-    for k, i in enumerate(_steps(diff, progress, "DDIM")):
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            x, pred_x0 = ddim_step(
-                model_fn, diff, x, t, eta=eta,
-                noise=None if step_noises is None else step_noises[k], generator=generator,
-                cond_fn=cond_fn, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                model_kwargs=model_kwargs,
-            )  # fmt: skip
-        yield SampleStep(i, x, pred_x0)
+
+    def step(x: Tensor, t: Tensor, noise_k: Tensor | None) -> tuple[Tensor, Tensor]:
+        return ddim_step(
+            model_fn, diff, x, t, eta=eta, noise=noise_k, generator=generator, cond_fn=cond_fn,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+        )  # fmt: skip
+
+    return _loop(step, diff, noise, step_noises, progress, "DDIM")
 
 
 def ddim_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
@@ -340,6 +334,23 @@ def dpm_solver_sample_progressive(
 def dpm_solver_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """DPM-Solver++(2M) from x_T = `noise`; returns x_0. Keywords as the progressive variant."""
     return _last(dpm_solver_sample_progressive(model_fn, diff, noise, **kwargs))
+
+
+def _loop(
+    step: Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
+    diff: Diffusion,
+    noise: Tensor,
+    step_noises: Tensor | Sequence[Tensor] | None,
+    progress: bool,
+    desc: str,
+) -> Iterator[SampleStep]:
+    """Run `step(x, t, noise_k)` for t = T'−1 … 0 under no_grad, yielding every step."""
+    x = noise
+    for k, i in enumerate(_steps(diff, progress, desc)):
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            x, pred_x0 = step(x, t, None if step_noises is None else step_noises[k])
+        yield SampleStep(i, x, pred_x0)
 
 
 def _steps(diff: Diffusion, progress: bool, desc: str):
