@@ -96,8 +96,9 @@ def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) 
                    help=f"default: {num_samples or 'all base images'}")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None, help="default: preset's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast precision on CUDA (CPU always runs fp32)")  # fmt: skip
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision on CUDA (default: the preset's, e.g. fp16 as the "
+                   "original sampled); the CPU always runs fp32")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
     p.add_argument("--out", default="runs/sample", help="output folder")
@@ -143,12 +144,13 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _job(args: argparse.Namespace, preset, classes=None, classifier_scale=0.0, cfg=None):
+def _job(args, preset, device, classes=None, classifier_scale=0.0, cfg=None):
     from adm.generate import SampleJob
 
     s = preset.sampling
     sampler = args.sampler or s.sampler
     steps = args.steps or (s.steps if sampler != "dpm++2m" else "25")
+    precision = args.precision or (s.precision if device.type == "cuda" else "fp32")
     try:
         from adm.schedule import space_timesteps
 
@@ -157,7 +159,7 @@ def _job(args: argparse.Namespace, preset, classes=None, classifier_scale=0.0, c
             sampler=sampler, steps=steps, num_samples=args.num_samples,
             batch_size=args.batch_size or s.batch_size, classes=classes, seed=args.seed,
             classifier_scale=classifier_scale, cfg_scale=cfg, eta=args.eta,
-            clip_denoised=not args.no_clip, precision=args.precision,
+            clip_denoised=not args.no_clip, precision=precision,
             save_pngs=args.save_pngs,
         )  # fmt: skip
     except ValueError as err:
@@ -218,7 +220,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             num_classes = net.num_classes - 1  # the null label is not a class to sample
     if classes and num_classes is not None and max(classes) >= num_classes:
         raise UserError(f"--classes: class {max(classes)} is out of range (0..{num_classes - 1})")
-    job = _job(args, preset, classes, scale or 0.0, args.cfg_scale)
+    job = _job(args, preset, device, classes, scale or 0.0, args.cfg_scale)
     run = Run(
         model=model, diffusion_config=preset.diffusion, job=job, out_dir=Path(args.out),
         num_classes=num_classes, class_conditional=net.num_classes is not None,
@@ -271,7 +273,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
                 f"--base {args.base}: label {labels.max()} >= {net.num_classes} classes"
             )
     args.num_samples = n if args.num_samples is None else min(args.num_samples, n)
-    job = _job(args, preset)
+    job = _job(args, preset, device)
     run = Run(
         model=model, diffusion_config=preset.diffusion, job=job, out_dir=Path(args.out),
         num_classes=net.num_classes, class_conditional=net.num_classes is not None,

@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from adm import dist, guidance, sampling
+from adm import dist, guidance, runtime, sampling
 from adm.diffusion import Diffusion, DiffusionConfig
+from adm.runtime import Precision
 
 SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -86,20 +86,6 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def autocast_model(model_fn: Callable[..., Tensor], device: torch.device, precision: Precision):
-    """Run `model_fn` under torch.amp autocast on CUDA (bf16/fp16); CPU stays fp32 (bf16/fp16
-    autocast is slower than fp32 on CPUs without native support). Outputs are float32."""
-    if precision == "fp32" or device.type != "cuda":
-        return model_fn
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-
-    def wrapped(x: Tensor, t: Tensor, **kwargs: Tensor) -> Tensor:
-        with torch.autocast("cuda", dtype=dtype):
-            return model_fn(x, t, **kwargs).float()
-
-    return wrapped
-
-
 @dataclass
 class Run:
     """Everything fixed for one sampling run."""
@@ -137,10 +123,10 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
             os.unlink(tmp)
 
 
-def _model_fn(run: Run, device: torch.device) -> Callable[..., Tensor]:
+def _model_fn(run: Run) -> Callable[..., Tensor]:
     """`model_fn(x, t, y=..., low_res=...)` for the samplers: labels only for class-conditional
     networks (an unconditional model can still be classifier-guided), classifier-free guidance
-    around it when asked, autocast on CUDA."""
+    around it when asked."""
     model = run.model
 
     def model_fn(x: Tensor, t: Tensor, y: Tensor | None = None, **kw: Tensor) -> Tensor:
@@ -151,7 +137,7 @@ def _model_fn(run: Run, device: torch.device) -> Callable[..., Tensor]:
         if run.null_label is None:
             raise ValueError("classifier-free guidance needs the model's null label")
         fn = guidance.classifier_free_model_fn(fn, run.job.cfg_scale, null_label=run.null_label)
-    return autocast_model(fn, device, run.job.precision)
+    return fn
 
 
 def sample_batch(run: Run, diff: Diffusion, indices: list[int], device: torch.device) -> Tensor:
@@ -167,7 +153,7 @@ def sample_batch(run: Run, diff: Diffusion, indices: list[int], device: torch.de
     noise = torch.stack(
         [torch.randn(cfg.in_channels, size, size, generator=g, device=device) for g in gens]
     )
-    model_fn = _model_fn(run, device)
+    model_fn = _model_fn(run)
     cond_fn = None
     if run.classifier is not None and job.classifier_scale != 0:
         cond_fn = guidance.classifier_cond_fn(run.classifier, job.classifier_scale)
@@ -248,7 +234,8 @@ def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> di
     start, count = time.perf_counter(), 0
     for k in mine:
         indices = list(range(k * job.batch_size, min((k + 1) * job.batch_size, job.num_samples)))
-        images = sample_batch(run, diff, indices, device)
+        with runtime.autocast(device, job.precision):  # bf16/fp16 on CUDA only
+            images = sample_batch(run, diff, indices, device)
         _atomic_savez(_batch_path(out_dir, k), images=to_uint8(images), indices=np.array(indices))
         if bar is not None:
             count += len(indices) * info.world_size
