@@ -361,3 +361,13 @@ def test_npz_writer_streams_and_atomic_path_cleans_up(tmp_path) -> None:
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
     assert zipfile.is_zipfile(out)
+
+
+def test_frechet_distance_of_a_small_sample_set_equals_the_full_computation():
+    from adm.metrics import compute_statistics, frechet_distance, frechet_distance_to_features
+
+    rng = np.random.default_rng(0)
+    ref = compute_statistics(rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)))
+    sample = rng.normal(size=(12, 40)) + 0.5
+    expected = frechet_distance(compute_statistics(sample), ref)
+    assert frechet_distance_to_features(sample, ref) == pytest.approx(expected, rel=1e-7)

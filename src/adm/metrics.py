@@ -98,6 +98,25 @@ def frechet_distance(sample: GaussianStats, ref: GaussianStats, eps: float = 1e-
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+def frechet_distance_to_features(sample_features: np.ndarray | Tensor, ref: GaussianStats) -> float:
+    """The Fréchet distance of a SMALL sample set (N < D) to reference statistics, exactly.
+
+    With Σ_s = AᵀA/(N−1) for the centred features A [N, D], the non-zero eigenvalues of Σ_s·Σ_r
+    are those of A Σ_r Aᵀ/(N−1) [N, N], so tr (Σ_s Σ_r)^½ costs an N×N eigenproblem instead of a
+    D×D one. Equal to `frechet_distance(compute_statistics(features), ref)`.
+    """
+    x = _as_float64(sample_features)
+    if x.ndim != 2 or len(x) < 2 or x.shape[1] != len(ref.mu):
+        raise ValueError(f"features must be [N >= 2, {len(ref.mu)}], got shape {x.shape}")
+    mu = x.mean(axis=0)
+    a = x - mu
+    small = a @ np.asarray(ref.sigma, np.float64) @ a.T / (len(x) - 1)
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((small + small.T) / 2).clip(min=0)).sum()
+    tr_sample = float((a * a).sum() / (len(x) - 1))
+    diff = mu - np.asarray(ref.mu, np.float64)
+    return float(diff @ diff + tr_sample + np.trace(ref.sigma) - 2 * tr_covmean)
+
+
 # --------------------------------------------------------------------------- Inception Score
 
 
