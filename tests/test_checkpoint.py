@@ -356,6 +356,12 @@ def test_fetch_downloads_checks_and_renames(tmp_path: Path, tiny_files) -> None:
     assert load_model(path)[1].name == "tiny_classifier"
 
 
+def test_fetch_refuses_a_wrong_file_already_in_the_cache(tmp_path: Path, tiny_files) -> None:
+    (tmp_path / "tiny_classifier.pt").write_bytes(tiny_files["tiny_upsampler"])
+    with pytest.raises(CheckpointError, match=r"delete .*tiny_classifier\.pt and fetch it again"):
+        fetch("tiny_classifier", tmp_path, "http://127.0.0.1:9/unused.pt", progress=False)
+
+
 def test_fetch_resumes_a_partial_download(tmp_path: Path, tiny_files) -> None:
     data = tiny_files["tiny_classifier"]
     (tmp_path / "tiny_classifier.pt.part").write_bytes(data[:100_000])
@@ -410,3 +416,30 @@ def test_fetch_offline_says_where_to_put_the_file(
     assert checkpoint.default_cache_dir() == tmp_path / "cache"
     with pytest.raises(CheckpointError, match="no released weights"):
         fetch("tiny_diffusion", tmp_path)
+
+
+# ---- run-time settings (adm.runtime) -------------------------------------------------------
+
+
+def test_precision_falls_back_to_fp32_on_the_cpu() -> None:
+    from adm.runtime import autocast, resolve_precision
+
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.warns(UserWarning, match="only used on CUDA"):
+        assert resolve_precision("bf16", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        resolve_precision("fp8", "cpu")
+    with autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_prepare_model_for_inference_on_the_cpu() -> None:
+    from adm.runtime import prepare_model
+
+    model = prepare_model(random_model("tiny_classifier").train(), device="cpu")
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.out[2].qkv_proj.weight.is_contiguous()  # NCHW kept on the CPU
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x, torch.tensor([1, 2])).sum().backward()  # guidance still gets input gradients
+    assert x.grad is not None

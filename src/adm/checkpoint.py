@@ -437,7 +437,10 @@ def fetch(
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dest = folder / f"{preset.name}.pt"
     if dest.is_file():
-        _verify(dest, preset)
+        try:
+            _verify(dest, preset)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; delete {dest} and fetch it again") from None
         return dest
     if url is None:
         raise CheckpointError(f"{preset.name} has no released weights to download (a tiny preset)")

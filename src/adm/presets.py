@@ -28,27 +28,31 @@ from adm.flags import (
     unet_from_flags,
 )
 from adm.overrides import apply_overrides
+from adm.runtime import Precision
 from adm.schedule import space_timesteps
 from adm.unet import SuperResUNet, UNet, UNetConfig
 
 __all__ = [
     "PRESETS",
+    "RELEASED",
     "RELEASE_URL",
     "Kind",
-    "Precision",
+    "NetworkConfig",
     "Preset",
+    "Sampler",
     "SamplingSettings",
     "apply_overrides",
     "build_model",
     "get_preset",
     "num_parameters",
     "preset_from_dict",
+    "preset_json",
     "preset_to_dict",
+    "state_dict_shapes",
 ]
 
 Kind = Literal["diffusion", "superres", "classifier"]
-Sampler = Literal["ddpm", "ddim"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Sampler = Literal["ddpm", "ddim", "dpm++2m"]
 NetworkConfig = UNetConfig | ClassifierConfig
 
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
@@ -403,7 +407,70 @@ _TINY: dict[str, Preset] = {
     ),
 }
 
-PRESETS: dict[str, Preset] = {**{name: _released(name) for name in _RELEASED}, **_TINY}
+# ---- the demo: the paper in miniature on Fashion-MNIST (28x28 grey, 10 classes), CPU-sized -----
+
+_FMNIST_DIFFUSION = DiffusionConfig(
+    steps=1000, noise_schedule="cosine", var_type="learned_range", loss_type="rescaled_mse"
+)
+_FMNIST_NET = dict(image_size=28, in_channels=1, model_channels=32, channel_mult=(1, 2, 2))
+_DEMO: dict[str, Preset] = {
+    "fmnist_diffusion": Preset(
+        name="fmnist_diffusion",
+        kind="diffusion",
+        network=UNetConfig(
+            **_FMNIST_NET,
+            out_channels=2,
+            num_res_blocks=1,
+            attention_ds=(4,),
+            num_head_channels=32,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+        ),
+        diffusion=_FMNIST_DIFFUSION,
+        sampling=SamplingSettings(
+            steps="ddim25",
+            sampler="ddim",
+            classifier="fmnist_classifier",
+            classifier_scale=4.0,
+            batch_size=50,
+        ),
+        description="Fashion-MNIST 28x28 unconditional ADM (learned sigma, cosine) for adm demo",
+    ),
+    "fmnist_classifier": Preset(
+        name="fmnist_classifier",
+        kind="classifier",
+        network=ClassifierConfig(
+            **_FMNIST_NET,
+            out_channels=10,
+            num_res_blocks=1,
+            attention_ds=(4,),
+            num_head_channels=32,
+            pool="attention",
+        ),
+        diffusion=_FMNIST_DIFFUSION,
+        description="noisy Fashion-MNIST classifier (attention pool) that guides fmnist_diffusion",
+    ),
+    "fmnist_judge": Preset(
+        name="fmnist_judge",
+        kind="classifier",
+        network=ClassifierConfig(
+            **_FMNIST_NET,
+            out_channels=10,
+            num_res_blocks=1,
+            attention_ds=(),
+            num_head_channels=None,
+            pool="spatial",
+        ),
+        diffusion=_FMNIST_DIFFUSION,
+        description="clean-image Fashion-MNIST classifier: adm demo's stand-in for Inception",
+    ),
+}
+
+PRESETS: dict[str, Preset] = {
+    **{name: _released(name) for name in _RELEASED},
+    **_TINY,
+    **_DEMO,
+}
 RELEASED = tuple(_RELEASED)
 
 

@@ -61,8 +61,8 @@ def prepare_model(
     """Move `model` to `device` for fast inference (or training when `trainable`).
 
     `channels_last=None` picks NHWC on CUDA (faster convolutions with tensor cores) and NCHW on
-    the CPU (measured slower there, see benchmarks/RESULTS.md). `compile=True` wraps the model
-    in `torch.compile` (outputs match eager within float tolerance; the first call compiles).
+    the CPU (no measurable gain there, see benchmarks/RESULTS.md). `compile=True` wraps the model
+    in `torch.compile` (the first call compiles; no gain measured on the CPU).
     Inference models are put in eval mode with parameters frozen, which skips weight gradients
     when guidance differentiates through a classifier.
     """
