@@ -1,0 +1,317 @@
+"""`adm demo`: the paper's trade-off in miniature (Dhariwal & Nichol 2021, §4 and Fig. 4).
+
+An unconditional diffusion model of Fashion-MNIST is steered towards requested classes by a noisy
+classifier (Algorithm 2, DDIM-25) at guidance scales 0, 1, 2, 4, 8, plus DPM-Solver++(2M) at 10
+steps. A separate "judge" classifier trained on clean images stands in for the Inception network:
+its accuracy on the requested class measures fidelity to the class, and FID / precision / recall
+in its feature space against the test set measure quality and diversity. Weights ship with the
+package (`adm/weights/`); `--retrain` trains all three with adm's own training code first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from adm import checkpoint, fashion_mnist, guidance, metrics, sampling
+from adm.diffusion import Diffusion
+from adm.generate import sample_generator, save_grid, to_uint8
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MODELS = ("fmnist_diffusion", "fmnist_classifier", "fmnist_judge")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    per_class: int = 5  # samples per requested class and scale
+    classes: tuple[int, ...] = tuple(range(10))
+    scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    steps: str = "ddim25"
+    dpm_steps: int = 10
+    dpm_scale: float = 4.0
+    reference_size: int = 2000  # test images for FID / precision / recall and judge accuracy
+    seed: int = 0
+
+
+def load_models(weights_dir: Path, device: torch.device) -> tuple[dict[str, nn.Module], dict]:
+    """The three demo networks (float32, eval mode) and their presets, by preset name."""
+    models, presets = {}, {}
+    for name in MODELS:
+        path = weights_dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise ValueError(f"demo weights {path} not found (run `adm demo --retrain`)")
+        model, preset = checkpoint.load_model(path, device=device)
+        if preset.name != name:
+            raise ValueError(f"{path} holds {preset.name}, expected {name}")
+        models[name], presets[name] = model.eval(), preset
+    return models, presets
+
+
+class Judge:
+    """The clean-image classifier: logits, and as features the 2048-d hidden layer of its
+    "spatial" head (the activations before the last linear layer, like Inception's pool_3)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._features: Tensor | None = None
+        hidden = model.out[1]  # spatial head: Linear(features, 2048), ReLU, Linear(2048, classes)
+        hidden.register_forward_hook(lambda _m, _i, out: setattr(self, "_features", out))
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: np.ndarray, batch: int = 500) -> tuple[Tensor, Tensor]:
+        logits, feats = [], []
+        device = next(self.model.parameters()).device
+        for start in range(0, len(images_uint8), batch):
+            x = torch.from_numpy(images_uint8[start : start + batch]).to(device)
+            x = x.float().reshape(len(x), 1, 28, 28) / 127.5 - 1
+            logits.append(self.model(x, torch.zeros(len(x), dtype=torch.long, device=device)))
+            feats.append(self._features)
+        return torch.cat(logits).cpu(), torch.cat(feats).cpu().double()
+
+
+def _sample(
+    models, presets, settings: DemoSettings, labels: Tensor, scale: float, solver: str, bar
+):
+    """Images [N, 28, 28] uint8 for `labels`, with per-sample seeds shared across scales."""
+    net, clf = models["fmnist_diffusion"], models["fmnist_classifier"]
+    steps = settings.steps if solver == "ddim" else str(settings.dpm_steps)
+    config = presets["fmnist_diffusion"].diffusion
+    diff = Diffusion.from_config(dataclasses.replace(config, timestep_respacing=steps))
+    device = labels.device
+    gens = [sample_generator(settings.seed, i, 0, device) for i in range(len(labels))]
+    noise = torch.stack([torch.randn(1, 28, 28, generator=g, device=device) for g in gens])
+    cond_fn = guidance.classifier_cond_fn(clf, scale) if scale else None
+
+    def model_fn(x: Tensor, t: Tensor, **_: Tensor) -> Tensor:
+        out = net(x, t)
+        bar.update(len(x))
+        return out
+
+    kwargs = {"cond_fn": cond_fn, "model_kwargs": {"y": labels}}
+    if solver == "ddim":
+        images = sampling.ddim_sample(model_fn, diff, noise, **kwargs)
+    else:
+        images = sampling.dpm_solver_sample(model_fn, diff, noise, **kwargs)
+    return to_uint8(images)[..., 0]
+
+
+def _measure(judge: Judge, images: np.ndarray, labels: np.ndarray, ref_feats: Tensor, ref_stats):
+    logits, feats = judge(images)
+    pr = metrics.precision_recall(ref_feats, feats, mode="exact")
+    return {
+        "accuracy": float((logits.argmax(1).numpy() == labels).mean()),
+        "precision": pr.precision,
+        "recall": pr.recall,
+        "fid": metrics.frechet_distance_to_features(feats, ref_stats),
+    }
+
+
+def run_demo(
+    out_dir: Path,
+    settings: DemoSettings = DemoSettings(),
+    *,
+    weights_dir: Path = WEIGHTS_DIR,
+    data_dir: str | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sample, measure, and write grids, plot, report.md and metrics.json into `out_dir`."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    device = device or torch.device("cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = fashion_mnist.find(data_dir)
+    models, presets = load_models(weights_dir, device)
+    judge = Judge(models["fmnist_judge"])
+    test_images, test_labels = fashion_mnist.load(folder, "t10k")
+    ref = np.random.default_rng(settings.seed).permutation(len(test_images))[
+        : settings.reference_size
+    ]
+    ref_logits, ref_feats = judge(test_images[ref])
+    judge_accuracy = float((ref_logits.argmax(1).numpy() == test_labels[ref]).mean())
+    ref_stats = metrics.compute_statistics(ref_feats)
+    labels_np = np.repeat(np.array(settings.classes), settings.per_class)
+    labels = torch.from_numpy(labels_np).to(device)
+    n = len(labels)
+    runs = [("ddim", s) for s in settings.scales] + [("dpm++2m", settings.dpm_scale)]
+    work = n * (len(settings.scales) * _num_steps(settings.steps) + settings.dpm_steps)
+    bar = tqdm(total=work, unit="img·step", desc="demo sampling", disable=not progress)
+    rows = []
+    for solver, scale in runs:
+        images = _sample(models, presets, settings, labels, scale, solver, bar)
+        grid = out_dir / f"grid_{solver.replace('+', 'p')}_scale{scale:g}.png"
+        # one column per class: [classes, per_class] -> rows of samples, columns of classes
+        by_column = images.reshape(len(settings.classes), settings.per_class, 28, 28)
+        by_column = by_column.transpose(1, 0, 2, 3).reshape(n, 28, 28, 1)
+        save_grid(by_column, grid, columns=len(settings.classes))
+        steps = _num_steps(settings.steps) if solver == "ddim" else settings.dpm_steps
+        row = {"solver": solver, "steps": steps, "scale": scale, "grid": grid.name}
+        row.update(_measure(judge, images, labels_np, ref_feats, ref_stats))
+        rows.append(row)
+    bar.close()
+    result = {
+        "scales": [r for r in rows if r["solver"] == "ddim"],
+        "dpm_solver": next(r for r in rows if r["solver"] == "dpm++2m"),
+        "judge_test_accuracy": judge_accuracy,
+        "settings": dataclasses.asdict(settings),
+        "num_samples_per_scale": n,
+        "reference_images": len(ref),
+        "data": str(folder),
+        "weights": str(weights_dir),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_outputs(out_dir, result)
+    return result
+
+
+def _num_steps(respacing: str) -> int:
+    return int(respacing.removeprefix("ddim"))
+
+
+def table(result: dict) -> str:
+    """The demo's table as Markdown."""
+    lines = [
+        "| solver | steps | scale | judge accuracy | FID (judge) | precision | recall |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in [*result["scales"], result["dpm_solver"]]:
+        lines.append(
+            f"| {r['solver']} | {r['steps']} | {r['scale']:g} | {r['accuracy']:.1%} | "
+            f"{r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, result: dict) -> None:
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot = _plot(out_dir / "tradeoff.png", result)
+    grids = "\n".join(
+        f"- scale {r['scale']:g} ({r['solver']}, {r['steps']} steps): ![]({r['grid']})"
+        for r in [*result["scales"], result["dpm_solver"]]
+    )
+    names = ", ".join(f"{i}: {c}" for i, c in enumerate(fashion_mnist.CLASS_NAMES))
+    report = f"""# adm demo: classifier guidance on Fashion-MNIST
+
+An unconditional diffusion model steered by a noisy classifier towards requested classes (one
+column per class: {names}). The judge, a classifier trained on clean images (accuracy
+{result["judge_test_accuracy"]:.1%} on the {result["reference_images"]} test images used here),
+scores the samples; FID, precision and recall use its features against those test images
+({result["num_samples_per_scale"]} samples per scale).
+
+{table(result)}
+
+{"![trade-off](tradeoff.png)" if plot else ""}
+
+{grids}
+
+Run time: {result["seconds"]} s.
+"""
+    (out_dir / "report.md").write_text(report)
+
+
+def _plot(path: Path, result: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["scales"]
+    scales = [r["scale"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, key, title in zip(
+        axes, ("accuracy", "precision", "recall", "fid"),
+        ("judge accuracy (fidelity)", "precision", "recall (diversity)", "FID (judge features)"),
+        strict=True,
+    ):  # fmt: skip
+        ax.plot(scales, [r[key] for r in rows], "o-", label="DDIM-25")
+        dpm = result["dpm_solver"]
+        ax.plot([dpm["scale"]], [dpm[key]], "s", label=f"DPM-Solver++ {dpm['steps']}")
+        ax.set_title(title)
+        ax.set_xlabel("guidance scale")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---- --retrain: the exact `adm train*` commands that made the bundled weights ------------------
+
+# The bundled diffusion model is this run's last checkpoint: its raw weights, not an EMA (after so
+# few steps an EMA of rate 0.999 still holds ~20% of the zero-output initialisation); docs/demo.md.
+DIFFUSION_STEPS = 2000
+TRAINING: dict[str, tuple[list[str], str]] = {
+    # name: (adm arguments after --data/--out, file exported from the run folder)
+    "fmnist_diffusion": (
+        ["train", "--preset", "fmnist_diffusion", "--steps", str(DIFFUSION_STEPS),
+         "--batch-size", "64", "--lr", "3e-4", "--ema-rate", "0.999,0.9995", "--no-flip",
+         "--log-interval", "50", "--save-interval", "250", "--keep", "2", "--seed", "1"],
+        "model",
+    ),
+    "fmnist_classifier": (
+        ["train-classifier", "--preset", "fmnist_classifier", "--steps", "600",
+         "--batch-size", "128", "--lr", "3e-4", "--weight-decay", "0.05", "--anneal-lr",
+         "--no-flip", "--no-random-crop", "--log-interval", "50", "--save-interval", "200",
+         "--eval-interval", "200", "--keep", "2", "--seed", "2"],
+        "model",
+    ),
+    "fmnist_judge": (
+        ["train-classifier", "--preset", "fmnist_judge", "--steps", "1200",
+         "--batch-size", "128", "--lr", "2e-3", "--anneal-lr", "--no-noise", "--no-flip",
+         "--no-random-crop", "--log-interval", "50", "--save-interval", "300",
+         "--eval-interval", "300", "--eval-size", "2000", "--keep", "2", "--seed", "3"],
+        "model",
+    ),
+}  # fmt: skip
+
+
+def training_command(name: str, data: Path, run_dir: Path) -> list[str]:
+    args, _ = TRAINING[name]
+    return ["adm", args[0], "--data", str(data), "--out", str(run_dir), *args[1:]]
+
+
+def retrain(work_dir: Path, data_dir: str | None = None, progress: bool = True) -> Path:
+    """Train the three demo models from scratch with `adm train` / `adm train-classifier`
+    (rerunning continues an interrupted run) and export them to `work_dir/weights`."""
+    import os
+    import subprocess
+    import sys
+
+    from adm import train_state
+
+    folder = fashion_mnist.find(data_dir)
+    weights = work_dir / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    for name, (_, export) in TRAINING.items():
+        run_dir = work_dir / "train" / name
+        cmd = training_command(name, folder, run_dir)
+        cmd = [sys.executable, "-m", "adm.cli", *cmd[1:], *([] if progress else ["--no-progress"])]
+        print(f"adm demo --retrain: {' '.join(cmd[3:])}", file=sys.stderr)
+        subprocess.run(cmd, check=True, env=env)
+        step = train_state.latest_step(run_dir)
+        source = run_dir / f"{export}_{step:06d}.safetensors"
+        export_weights(source, weights / f"{name}.safetensors")
+    return weights
+
+
+def export_weights(source: Path, target: Path) -> Path:
+    """Copy a trained checkpoint as float16 safetensors with its preset (halves the size; the
+    demo loads it back as float32)."""
+    state = checkpoint.load_state_dict(source)
+    preset = checkpoint.read_preset(source)
+    if preset is None:
+        raise ValueError(f"{source} carries no preset metadata")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return checkpoint.write_state_dict(half, preset, target)
