@@ -58,3 +58,23 @@ def test_missing_weights_and_bad_arguments_are_clear(tmp_path, capsys):
     assert cli.main(["demo", "--weights", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "demo weights" in capsys.readouterr().err
     assert cli.main(["demo", "--per-class", "1", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_documented_training_commands_resolve(tmp_path, data_dir, capsys):
+    """Every stage of `adm demo --retrain` is a valid adm command (checked with --dry-run)."""
+    import torch
+
+    from adm import checkpoint, presets
+
+    judge = presets.get_preset("fmnist_judge")
+    stage1 = checkpoint.save_model(
+        presets.build_model(judge), judge, tmp_path / "stage1.safetensors"
+    )
+    for index in range(len(demo.TRAINING)):
+        cmd = demo.training_command(
+            index, data_dir, tmp_path / "runs", resolve=lambda _: str(stage1)
+        )
+        assert cmd[0] == "adm"
+        torch.manual_seed(0)
+        assert cli.main([*cmd[1:], "--dry-run"]) == 0, capsys.readouterr().err
+        capsys.readouterr()

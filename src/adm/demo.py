@@ -36,7 +36,8 @@ class DemoSettings:
     steps: str = "ddim25"
     dpm_steps: int = 10
     dpm_scale: float = 4.0
-    reference_size: int = 2000  # test images for FID / precision / recall and judge accuracy
+    reference_size: int = 2000  # test images for FID, precision / recall and judge accuracy
+    pr_draws: int = 10  # precision / recall: mean over this many same-sized reference draws
     seed: int = 0
 
 
@@ -102,13 +103,25 @@ def _sample(
     return to_uint8(images)[..., 0]
 
 
-def _measure(judge: Judge, images: np.ndarray, labels: np.ndarray, ref_feats: Tensor, ref_stats):
+def _measure(judge: Judge, images: np.ndarray, labels: np.ndarray, ref_feats: Tensor,
+             ref_labels: np.ndarray, ref_stats, draws: int, seed: int) -> dict:  # fmt: skip
+    """Judge accuracy on the requested labels, FID against all reference images, and precision /
+    recall against reference sets of the SAME size and class mix as the samples (k-NN radii are
+    only comparable between equally sized sets), averaged over `draws` disjoint draws."""
     logits, feats = judge(images)
-    pr = metrics.precision_recall(ref_feats, feats, mode="exact")
+    rng = np.random.default_rng(seed)
+    by_class = {c: rng.permutation(np.flatnonzero(ref_labels == c)) for c in np.unique(labels)}
+    counts = {c: int((labels == c).sum()) for c in by_class}
+    precision, recall = [], []
+    for d in range(draws):
+        rows = np.concatenate([by_class[c][d * counts[c] : (d + 1) * counts[c]] for c in by_class])
+        pr = metrics.precision_recall(ref_feats[rows], feats, mode="exact")
+        precision.append(pr.precision)
+        recall.append(pr.recall)
     return {
         "accuracy": float((logits.argmax(1).numpy() == labels).mean()),
-        "precision": pr.precision,
-        "recall": pr.recall,
+        "precision": float(np.mean(precision)),
+        "recall": float(np.mean(recall)),
         "fid": metrics.frechet_distance_to_features(feats, ref_stats),
     }
 
@@ -154,7 +167,11 @@ def run_demo(
         save_grid(by_column, grid, columns=len(settings.classes))
         steps = _num_steps(settings.steps) if solver == "ddim" else settings.dpm_steps
         row = {"solver": solver, "steps": steps, "scale": scale, "grid": grid.name}
-        row.update(_measure(judge, images, labels_np, ref_feats, ref_stats))
+        draws = min(settings.pr_draws, settings.reference_size // n)
+        row.update(
+            _measure(judge, images, labels_np, ref_feats, test_labels[ref], ref_stats, draws,
+                     settings.seed)
+        )  # fmt: skip
         rows.append(row)
     bar.close()
     result = {
@@ -251,58 +268,69 @@ def _plot(path: Path, result: dict) -> bool:
 # The bundled diffusion model is this run's last checkpoint: its raw weights, not an EMA (after so
 # few steps an EMA of rate 0.999 still holds ~20% of the zero-output initialisation); docs/demo.md.
 DIFFUSION_STEPS = 2000
-TRAINING: dict[str, tuple[list[str], str]] = {
-    # name: (adm arguments after --data/--out, file exported from the run folder)
-    "fmnist_diffusion": (
-        ["train", "--preset", "fmnist_diffusion", "--steps", str(DIFFUSION_STEPS),
-         "--batch-size", "64", "--lr", "3e-4", "--ema-rate", "0.999,0.9995", "--no-flip",
-         "--log-interval", "50", "--save-interval", "250", "--keep", "2", "--seed", "1"],
-        "model",
-    ),
-    "fmnist_classifier": (
-        ["train-classifier", "--preset", "fmnist_classifier", "--steps", "600",
-         "--batch-size", "128", "--lr", "3e-4", "--weight-decay", "0.05", "--anneal-lr",
-         "--no-flip", "--no-random-crop", "--log-interval", "50", "--save-interval", "200",
-         "--eval-interval", "200", "--keep", "2", "--seed", "2"],
-        "model",
-    ),
-    "fmnist_judge": (
-        ["train-classifier", "--preset", "fmnist_judge", "--steps", "1200",
-         "--batch-size", "128", "--lr", "2e-3", "--anneal-lr", "--no-noise", "--no-flip",
-         "--no-random-crop", "--log-interval", "50", "--save-interval", "300",
-         "--eval-interval", "300", "--eval-size", "2000", "--keep", "2", "--seed", "3"],
-        "model",
-    ),
-}  # fmt: skip
+# (run name, adm arguments after --data/--out, file exported as the bundled weights or None).
+# "{run}" in an argument stands for the last model checkpoint of an earlier run.
+TRAINING: list[tuple[str, list[str], str | None]] = [
+    ("fmnist_diffusion",
+     ["train", "--preset", "fmnist_diffusion", "--steps", str(DIFFUSION_STEPS),
+      "--batch-size", "64", "--lr", "3e-4", "--ema-rate", "0.999,0.9995", "--no-flip",
+      "--log-interval", "50", "--save-interval", "250", "--keep", "2", "--seed", "1"],
+     "model"),
+    ("fmnist_classifier",
+     ["train-classifier", "--preset", "fmnist_classifier", "--steps", "600",
+      "--batch-size", "128", "--lr", "3e-4", "--weight-decay", "0.05", "--anneal-lr",
+      "--no-flip", "--no-random-crop", "--log-interval", "50", "--save-interval", "200",
+      "--eval-interval", "200", "--keep", "2", "--seed", "2"],
+     "model"),
+    ("fmnist_judge_stage1",
+     ["train-classifier", "--preset", "fmnist_judge", "--steps", "1200",
+      "--batch-size", "128", "--lr", "2e-3", "--anneal-lr", "--no-noise", "--no-flip",
+      "--no-random-crop", "--log-interval", "50", "--save-interval", "300",
+      "--eval-interval", "300", "--eval-size", "2000", "--keep", "2", "--seed", "3"],
+     None),
+    ("fmnist_judge",  # a second, lower-LR stage from the first one's weights
+     ["train-classifier", "--preset", "fmnist_judge", "--init-from", "{fmnist_judge_stage1}",
+      "--steps", "600", "--batch-size", "128", "--lr", "5e-4", "--anneal-lr", "--no-noise",
+      "--no-flip", "--no-random-crop", "--log-interval", "50", "--save-interval", "300",
+      "--eval-interval", "300", "--eval-size", "2000", "--keep", "2", "--seed", "4"],
+     "model"),
+]  # fmt: skip
 
 
-def training_command(name: str, data: Path, run_dir: Path) -> list[str]:
-    args, _ = TRAINING[name]
-    return ["adm", args[0], "--data", str(data), "--out", str(run_dir), *args[1:]]
+def training_command(index: int, data: Path, work_dir: Path, resolve=None) -> list[str]:
+    """The `adm ...` command of stage `index` of `TRAINING`; "{run}" placeholders become
+    `resolve(run_dir)` (default: a readable placeholder, for the documentation)."""
+    name, args, _ = TRAINING[index]
+    resolve = resolve or (lambda run_dir: f"{run_dir}/model_<last step>.safetensors")
+    refs = {n: resolve(work_dir / n) for n, _, _ in TRAINING[:index]}
+    args = [a.format(**refs) for a in args]
+    return ["adm", args[0], "--data", str(data), "--out", str(work_dir / name), *args[1:]]
+
+
+def _last_model(run_dir: Path) -> str:
+    from adm import train_state
+
+    return str(train_state.model_path(run_dir, train_state.latest_step(run_dir)))
 
 
 def retrain(work_dir: Path, data_dir: str | None = None, progress: bool = True) -> Path:
-    """Train the three demo models from scratch with `adm train` / `adm train-classifier`
-    (rerunning continues an interrupted run) and export them to `work_dir/weights`."""
+    """Train the demo models from scratch with `adm train` / `adm train-classifier` (rerunning
+    continues an interrupted run) and export them to `work_dir/weights`."""
     import os
     import subprocess
     import sys
-
-    from adm import train_state
 
     folder = fashion_mnist.find(data_dir)
     weights = work_dir / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    for name, (_, export) in TRAINING.items():
-        run_dir = work_dir / "train" / name
-        cmd = training_command(name, folder, run_dir)
+    for index, (name, _, export) in enumerate(TRAINING):
+        cmd = training_command(index, folder, work_dir, resolve=_last_model)
         cmd = [sys.executable, "-m", "adm.cli", *cmd[1:], *([] if progress else ["--no-progress"])]
-        print(f"adm demo --retrain: {' '.join(cmd[3:])}", file=sys.stderr)
+        print(f"adm demo --retrain: adm {' '.join(cmd[3:])}", file=sys.stderr)
         subprocess.run(cmd, check=True, env=env)
-        step = train_state.latest_step(run_dir)
-        source = run_dir / f"{export}_{step:06d}.safetensors"
-        export_weights(source, weights / f"{name}.safetensors")
+        if export == "model":
+            export_weights(Path(_last_model(work_dir / name)), weights / f"{name}.safetensors")
     return weights
 
 
