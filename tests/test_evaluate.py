@@ -16,6 +16,7 @@ import scipy.linalg
 import torch
 
 from adm import batches, inception
+from adm.atomic import atomic_path
 from adm.inception import InceptionV3, WeightsError
 from adm.metrics import (
     GaussianStats,
@@ -348,7 +349,7 @@ def test_reference_stats_must_be_complete(tmp_path) -> None:
 def test_npz_writer_streams_and_atomic_path_cleans_up(tmp_path) -> None:
     images = np.random.default_rng(8).integers(0, 256, (5, 3, 4, 3), dtype=np.uint8)
     out = tmp_path / "out.npz"
-    with batches.atomic_path(out) as tmp, batches.NpzWriter(tmp) as writer:
+    with atomic_path(out) as tmp, batches.NpzWriter(tmp) as writer:
         with writer.stream("arr_0", images.shape) as write:
             write(images[:2])
             write(images[2:])
@@ -356,7 +357,7 @@ def test_npz_writer_streams_and_atomic_path_cleans_up(tmp_path) -> None:
     with np.load(out) as data:
         np.testing.assert_array_equal(data["arr_0"], images)
         np.testing.assert_array_equal(data["mu"], np.arange(3.0))
-    with pytest.raises(RuntimeError), batches.atomic_path(tmp_path / "never.npz") as tmp:
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "never.npz") as tmp:
         Path(tmp).write_text("partial")
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,19 +156,6 @@ def iter_images(source: ImageSource, chunk: int = 64) -> Iterator[np.ndarray]:
             with Image.open(p) as im:
                 images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
         yield np.stack(images)
-
-
-@contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to `dest`, renamed onto it only if the block succeeds."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def check_output_path(path: str | os.PathLike) -> Path:

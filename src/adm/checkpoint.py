@@ -7,19 +7,19 @@ format is safetensors with the fully resolved preset as JSON metadata. Writes ar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from adm.atomic import atomic_path
 from adm.presets import (
     PRESETS,
     Preset,
@@ -365,28 +365,14 @@ def write_state_dict(
         from safetensors.torch import save_file
 
         meta = {"format": "pt", METADATA_KEY: preset_json(preset)}
-        with _atomic(path) as tmp:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
     elif path.suffix == ".pt":
-        with _atomic(path) as tmp:
+        with atomic_path(path) as tmp:
             torch.save(tensors, tmp)
     else:
         raise ValueError(f"{path}: unknown checkpoint format: use .safetensors or .pt")
     return path
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success fsync it and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert(

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from adm import __version__, cli_models, cli_sample
+from adm.atomic import atomic_path
 from adm.errors import UserError
 
 
@@ -242,7 +243,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "pr_mode": args.pr_mode,
             "inception_weights_sha256": model.weights_id,
         }
-        with batches.atomic_path(args.json) as tmp:
+        with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

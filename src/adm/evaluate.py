@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from adm.atomic import atomic_path
 from adm.batches import (
     BatchError,
     ImageSource,
     NpzWriter,
-    atomic_path,
     iter_images,
     open_npz_batch,
     read_reference_stats,
