@@ -30,8 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+# isort: off
+import adm  # noqa: F401 - first: it sets OMP_WAIT_POLICY (unless set) before torch loads OpenMP
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+# isort: on
 
 from adm.presets import Preset, build_model, get_preset
 from adm.runtime import autocast, prepare_model
