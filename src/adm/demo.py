@@ -82,7 +82,8 @@ def _sample(
 ):
     """Images [N, 28, 28] uint8 for `labels`, with per-sample seeds shared across scales."""
     net, clf = models["fmnist_diffusion"], models["fmnist_classifier"]
-    steps = settings.steps if solver == "ddim" else str(settings.dpm_steps)
+    # both solvers use DDIM strides (0, s, 2s, ...): the cosine schedule's last step has ᾱ ≈ 0
+    steps = settings.steps if solver == "ddim" else f"ddim{settings.dpm_steps}"
     config = presets["fmnist_diffusion"].diffusion
     diff = Diffusion.from_config(dataclasses.replace(config, timestep_respacing=steps))
     device = labels.device
