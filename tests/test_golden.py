@@ -107,7 +107,7 @@ def check_schedules(case: Case) -> dict:
         prefix = f"output/{name}_T{steps}/"
         for array in case.output_names():
             if array.startswith(prefix):
-                out[array] = torch.from_numpy(np.asarray(getattr(sched, array[len(prefix) :])))
+                out[array] = torch.from_numpy(np.array(getattr(sched, array[len(prefix) :])))
     for name, steps in p["betas_only"]:
         out[f"output/{name}_T{steps}/betas"] = torch.from_numpy(named_betas(name, steps))
     for steps, spec in p["respacings"]:
@@ -116,7 +116,7 @@ def check_schedules(case: Case) -> dict:
     for name, steps, spec in p["spaced"]:
         sched = NoiseSchedule.from_name(name, steps).respace(spec)
         for table in ("timestep_map", "betas", "alphas_cumprod", "posterior_log_variance_clipped"):
-            value = torch.from_numpy(np.asarray(getattr(sched, table)))
+            value = torch.from_numpy(np.array(getattr(sched, table)))
             out[f"output/spaced/{name}_T{steps}_{spec}/{table}"] = value
     for steps, spec, _reason in case.meta["expected_errors"]:
         with pytest.raises(ValueError, match=re.escape(spec)):
