@@ -79,7 +79,11 @@ def test_same_seed_same_images_at_batch_sizes_1_and_4(ckpts, tmp_path, sampler):
         out = tmp_path / f"bs{bs}"
         assert _sample(ckpts, out, "--batch-size", bs, "--sampler", sampler, "--seed", "5") == 0
         runs.append(np.load(out / "samples_4x32x32x3.npz"))
-    np.testing.assert_array_equal(runs[0]["arr_0"], runs[1]["arr_0"])
+    # Same noise and labels per sample; the network's float32 convolutions may pick other kernels
+    # for other batch sizes (differences ~1e-6), which can move a pixel across a quantisation
+    # boundary: allow that, and nothing more.
+    diff = np.abs(runs[0]["arr_0"].astype(int) - runs[1]["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     np.testing.assert_array_equal(runs[0]["arr_1"], runs[1]["arr_1"])
 
 

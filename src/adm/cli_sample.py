@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -135,8 +136,8 @@ def _load(args: argparse.Namespace, device: torch.device):
 def _device(name: str | None) -> torch.device:
     from adm.dist import pick_device
 
-    try:
-        device = pick_device(name)
+    try:  # under torchrun each process takes its own GPU (LOCAL_RANK)
+        device = pick_device(name, int(os.environ.get("LOCAL_RANK", "0")))
     except RuntimeError as err:
         raise UserError(f"--device {name}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -99,7 +99,6 @@ class Run:
     classifier: nn.Module | None = None
     null_label: int | None = None  # classifier-free guidance
     low_res: np.ndarray | None = None  # super-resolution: uint8 NHWC base samples
-    base_labels: np.ndarray | None = None
     settings: dict = dataclasses.field(default_factory=dict)  # extra facts for the JSON
     labels: np.ndarray | None = None  # filled by `run_sampling` unless given (super-res: base's)
 
@@ -198,13 +197,13 @@ def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> di
     """Sample `run.job.num_samples` images; rank r of a torchrun world takes batches r, r+W, ...
     Returns the written paths (on rank 0; other ranks return {})."""
     job, out_dir = run.job, run.out_dir
-    info = dist.setup() if dist_world() > 1 else dist.DistInfo(device=_device_of(run.model))
-    device = info.device
+    device = _device_of(run.model)  # under torchrun: this rank's device, chosen by the caller
+    info = dist.setup(str(device)) if dist_world() > 1 else dist.DistInfo(device=device)
     num_batches = math.ceil(job.num_samples / job.batch_size)
-    if run.labels is None:
-        num = run.num_classes or 1
-        run.labels = sample_labels(job, num) if run.num_classes else np.zeros(job.num_samples, int)
-        if num and run.labels.max(initial=0) >= num:
+    if run.labels is None:  # unconditional runs carry label 0 (not written to the .npz)
+        num = run.num_classes
+        run.labels = sample_labels(job, num) if num else np.zeros(job.num_samples, np.int64)
+        if num and run.labels.max() >= num:
             raise ValueError(f"class {int(run.labels.max())} is out of range for {num} classes")
     done, error = [], None
     if info.is_main:
