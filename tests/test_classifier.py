@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adm.classifier import ClassifierConfig, NoisyClassifier
-from conftest import golden_dir
+from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
 # Defaults of the reference `EncoderUNetModel` constructor (they differ from ClassifierConfig's,
 # which follow the released classifiers), for kwargs a fixture leaves out.
@@ -45,29 +43,7 @@ def _config_from_reference(kwargs: dict) -> ClassifierConfig:
     return ClassifierConfig(**kw)
 
 
-def _cases(kind: str, default: tuple[str, ...]) -> list[str]:
-    root = golden_dir()
-    found = []
-    if root.is_dir():
-        for path in sorted(root.glob("*.json")):
-            if json.loads(path.read_text()).get("kind") == kind:
-                found.append(path.stem)
-    return found or list(default)
-
-
-CLASSIFIER_CASES = _cases("classifier", default=("classifier",))
-
-
-def _load_case(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta = json.loads((root / f"{name}.json").read_text())
-    with np.load(root / f"{name}.npz") as npz:
-        arrays = {key: torch.from_numpy(npz[key]) for key in npz.files}
-    return meta, arrays
-
-
-def _check(actual: torch.Tensor, meta: dict, arrays: dict, name: str) -> None:
-    tol = meta["tolerances"][name]
-    torch.testing.assert_close(actual, arrays[name], rtol=tol["rtol"], atol=tol["atol"])
+CLASSIFIER_CASES = golden_cases("classifier", default=("classifier",))
 
 
 def _guidance_grad(model: NoisyClassifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
@@ -77,19 +53,6 @@ def _guidance_grad(model: NoisyClassifier, x: torch.Tensor, t: torch.Tensor, y: 
         log_probs = F.log_softmax(model(x, t), dim=-1)  # [N, classes]
         selected = log_probs[torch.arange(len(y)), y]  # [N]
         return torch.autograd.grad(selected.sum(), x)[0]  # [N, C, H, W]
-
-
-def _noise(*shape: int, seed: int = 0) -> torch.Tensor:
-    """Seeded standard normal inputs (tests must not depend on the global RNG or test order)."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
 
 
 def _tiny(**overrides) -> ClassifierConfig:
@@ -108,7 +71,7 @@ def _tiny(**overrides) -> ClassifierConfig:
 @pytest.mark.golden
 @pytest.mark.parametrize("case", CLASSIFIER_CASES)
 def test_classifier_matches_reference(golden_root: Path, case: str) -> None:
-    meta, arrays = _load_case(golden_root, case)
+    meta, arrays = load_case(golden_root, case)
     assert meta["kind"] == "classifier"
     (spec,) = meta["models"].values()
     assert spec["class"] == "EncoderUNetModel"
@@ -122,12 +85,12 @@ def test_classifier_matches_reference(golden_root: Path, case: str) -> None:
 
     x, t, y = arrays["input/x"], arrays["input/t_classifier"], arrays["input/y"]
     with torch.no_grad():
-        _check(model(x, t), meta, arrays, "output/classifier_logits")
+        check_array(model(x, t), meta, arrays, "output/classifier_logits")
     grad = _guidance_grad(model, x, t, y)
     checked = {"output/classifier_logits"}
     for scale in meta["params"]["scales"]:
         name = f"output/cond_fn_grad/scale_{float(scale)}"
-        _check(grad * scale, meta, arrays, name)
+        check_array(grad * scale, meta, arrays, name)
         checked.add(name)
     assert {n for n in arrays if n.startswith(("output/", "debug/"))} == checked
 
@@ -185,7 +148,7 @@ HEAD_KEYS = {
 @pytest.mark.parametrize("pool", list(HEAD_KEYS))
 def test_pooling_heads(pool: str) -> None:
     config = _tiny(pool=pool)
-    model = _randomize(NoisyClassifier(config)).eval()
+    model = randomize(NoisyClassifier(config)).eval()
     state = model.state_dict()
     assert [k for k in state if k.startswith("out.")] == HEAD_KEYS[pool]
     assert list(state) == [k for k, _ in model.named_parameters()]  # no buffers
@@ -196,7 +159,7 @@ def test_pooling_heads(pool: str) -> None:
     if pool.startswith("spatial"):
         # Means of: input conv 32, level-0 block 32, downsample 32, level-1 block 64, middle 64.
         assert state["out.0.weight"].shape == (2048, 32 + 32 + 32 + 64 + 64)
-    x, t = _noise(3, 3, 16, 16), torch.tensor([0, 10, 999])
+    x, t = seeded_noise(3, 3, 16, 16), torch.tensor([0, 10, 999])
     with torch.no_grad():
         logits = model(x, t)
         twin = NoisyClassifier(config).eval()
@@ -208,20 +171,20 @@ def test_pooling_heads(pool: str) -> None:
 
 def test_fresh_adaptive_classifier_outputs_zero() -> None:
     model = NoisyClassifier(_tiny(pool="adaptive")).eval()
-    assert torch.count_nonzero(model(_noise(2, 3, 16, 16), torch.tensor([1, 2]))) == 0
+    assert torch.count_nonzero(model(seeded_noise(2, 3, 16, 16), torch.tensor([1, 2]))) == 0
 
 
 def test_attention_pool_rejects_other_resolutions() -> None:
     model = NoisyClassifier(_tiny(pool="attention")).eval()
     with pytest.raises(ValueError, match=r"16x16.*got 32x32"):
-        model(_noise(1, 3, 32, 32), torch.tensor([5]))
+        model(seeded_noise(1, 3, 32, 32), torch.tensor([5]))
     # The other heads pool over any size.
-    adaptive = _randomize(NoisyClassifier(_tiny(pool="adaptive"))).eval()
-    assert adaptive(_noise(1, 3, 32, 32), torch.tensor([5])).shape == (1, 5)
+    adaptive = randomize(NoisyClassifier(_tiny(pool="adaptive"))).eval()
+    assert adaptive(seeded_noise(1, 3, 32, 32), torch.tensor([5])).shape == (1, 5)
 
 
 def test_guidance_gradient_equals_finite_differences() -> None:
-    model = _randomize(NoisyClassifier(_tiny(pool="attention")), seed=3).double().eval()
+    model = randomize(NoisyClassifier(_tiny(pool="attention")), seed=3).double().eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
     t, y = torch.tensor([3, 600]), torch.tensor([1, 4])
@@ -238,10 +201,10 @@ def test_guidance_gradient_equals_finite_differences() -> None:
 
 
 def test_checkpointing_keeps_classifier_gradients() -> None:
-    model = _randomize(NoisyClassifier(_tiny()), seed=1).eval()
+    model = randomize(NoisyClassifier(_tiny()), seed=1).eval()
     ckpt = NoisyClassifier(dataclasses.replace(model.config, use_checkpoint=True)).eval()
     ckpt.load_state_dict(model.state_dict(), strict=True)
-    x, t, y = _noise(2, 3, 16, 16), torch.tensor([8, 80]), torch.tensor([0, 3])
+    x, t, y = seeded_noise(2, 3, 16, 16), torch.tensor([8, 80]), torch.tensor([0, 3])
     torch.testing.assert_close(
         _guidance_grad(ckpt, x, t, y), _guidance_grad(model, x, t, y), rtol=1e-6, atol=1e-7
     )
@@ -266,4 +229,4 @@ def test_bad_configs_raise(overrides: dict, message: str) -> None:
 def test_non_attention_pools_need_no_head_channels() -> None:
     config = _tiny(pool="spatial_v2", num_head_channels=None, num_heads=2)
     model = NoisyClassifier(config).eval()
-    assert model(_noise(1, 3, 16, 16), torch.tensor([0])).shape == (1, 5)
+    assert model(seeded_noise(1, 3, 16, 16), torch.tensor([0])).shape == (1, 5)

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adm.nn import GroupNorm32, normalization, qkv_attention, timestep_embedding, zero_module
-
-
-def _load_case(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta = json.loads((root / f"{name}.json").read_text())
-    with np.load(root / f"{name}.npz") as npz:
-        arrays = {key: torch.from_numpy(npz[key]) for key in npz.files}
-    return meta, arrays
-
-
-def _check(actual: torch.Tensor, meta: dict, arrays: dict, name: str) -> None:
-    tol = meta["tolerances"][name]
-    torch.testing.assert_close(actual, arrays[name], rtol=tol["rtol"], atol=tol["atol"])
+from conftest import check_array, load_case
 
 
 def _einsum_attention(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tensor:
@@ -42,7 +29,7 @@ def _einsum_attention(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tens
 
 @pytest.mark.golden
 def test_primitives_match_reference(golden_root: Path) -> None:
-    meta, arrays = _load_case(golden_root, "primitives")
+    meta, arrays = load_case(golden_root, "primitives")
     assert meta["kind"] == "primitives"
     checked = set()
     t = arrays["input/timesteps"]
@@ -51,14 +38,14 @@ def test_primitives_match_reference(golden_root: Path) -> None:
             name = f"output/timestep_embedding/dim{dim}_maxperiod{max_period}"
             emb = timestep_embedding(t, dim, max_period=max_period)
             assert emb.dtype == torch.float32
-            _check(emb, meta, arrays, name)
+            check_array(emb, meta, arrays, name)
             checked.add(name)
     heads = meta["params"]["n_heads"]
     for legacy, name in [
         (False, "output/qkv_attention_new_order"),
         (True, "output/qkv_attention_legacy"),
     ]:
-        _check(qkv_attention(arrays["input/qkv"], heads, legacy=legacy), meta, arrays, name)
+        check_array(qkv_attention(arrays["input/qkv"], heads, legacy=legacy), meta, arrays, name)
         checked.add(name)
     # Every network-primitive output of the case is checked (the others belong to the diffusion).
     outputs = {n for n in arrays if n.startswith("output/")}

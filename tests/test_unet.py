@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from adm.unet import SuperResUNet, UNet, UNetConfig, upsample_low_res
-from conftest import golden_dir
+from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
 # Defaults of the reference `UNetModel` constructor, for kwargs a fixture leaves out.
 _REFERENCE_DEFAULTS = {
@@ -43,31 +41,10 @@ def _config_from_reference(kwargs: dict) -> UNetConfig:
     return UNetConfig(**kw)
 
 
-def _cases(*kinds: str, default: tuple[str, ...]) -> list[str]:
-    """Every golden case of these kinds (else the known names, so a missing folder fails)."""
-    root = golden_dir()
-    found = []
-    if root.is_dir():
-        for path in sorted(root.glob("*.json")):
-            if json.loads(path.read_text()).get("kind") in kinds:
-                found.append(path.stem)
-    return found or list(default)
-
-
-UNET_CASES = _cases("unet_forward", default=("unet_forward_a", "unet_forward_b", "unet_forward_c"))
-SUPERRES_CASES = _cases("superres", default=("superres",))
-
-
-def _load_case(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta = json.loads((root / f"{name}.json").read_text())
-    with np.load(root / f"{name}.npz") as npz:
-        arrays = {key: torch.from_numpy(npz[key]) for key in npz.files}
-    return meta, arrays
-
-
-def _check(actual: torch.Tensor, meta: dict, arrays: dict, name: str) -> None:
-    tol = meta["tolerances"][name]
-    torch.testing.assert_close(actual, arrays[name], rtol=tol["rtol"], atol=tol["atol"])
+UNET_CASES = golden_cases(
+    "unet_forward", default=("unet_forward_a", "unet_forward_b", "unet_forward_c")
+)
+SUPERRES_CASES = golden_cases("superres", default=("superres",))
 
 
 def _reference_model(meta: dict, arrays: dict) -> UNet:
@@ -79,19 +56,6 @@ def _reference_model(meta: dict, arrays: dict) -> UNet:
     weights = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
     model.load_state_dict(weights, strict=True)
     return model.eval()
-
-
-def _noise(*shape: int, seed: int = 0) -> torch.Tensor:
-    """Seeded standard normal inputs (tests must not depend on the global RNG or test order)."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
 
 
 def _tiny(**overrides) -> UNetConfig:
@@ -109,7 +73,7 @@ def _tiny(**overrides) -> UNetConfig:
 @pytest.mark.golden
 @pytest.mark.parametrize("case", UNET_CASES + SUPERRES_CASES)
 def test_state_dict_layout_matches_reference(golden_root: Path, case: str) -> None:
-    meta, _ = _load_case(golden_root, case)
+    meta, _ = load_case(golden_root, case)
     (spec,) = meta["models"].values()
     cls = {"UNetModel": UNet, "SuperResModel": SuperResUNet}[spec["class"]]
     model = cls(_config_from_reference(spec["kwargs"]))
@@ -122,7 +86,7 @@ def test_state_dict_layout_matches_reference(golden_root: Path, case: str) -> No
 @pytest.mark.golden
 @pytest.mark.parametrize("case", UNET_CASES)
 def test_unet_forward_matches_reference(golden_root: Path, case: str) -> None:
-    meta, arrays = _load_case(golden_root, case)
+    meta, arrays = load_case(golden_root, case)
     assert meta["kind"] == "unet_forward"
     model = _reference_model(meta, arrays)
     x, t = arrays["input/x"], arrays["input/t"]
@@ -143,10 +107,10 @@ def test_unet_forward_matches_reference(golden_root: Path, case: str) -> None:
         for handle in handles:
             handle.remove()
         out_float_t = model(x, arrays["input/t_float"], y)
-    _check(out, meta, arrays, "output/model_output")
-    _check(out_float_t, meta, arrays, "output/model_output_float_t")
+    check_array(out, meta, arrays, "output/model_output")
+    check_array(out_float_t, meta, arrays, "output/model_output_float_t")
     for name, value in captured.items():
-        _check(value, meta, arrays, name)
+        check_array(value, meta, arrays, name)
     expected = {n for n in arrays if n.startswith(("output/", "debug/"))}
     assert expected == {"output/model_output", "output/model_output_float_t", *taps}
 
@@ -154,15 +118,15 @@ def test_unet_forward_matches_reference(golden_root: Path, case: str) -> None:
 @pytest.mark.golden
 @pytest.mark.parametrize("case", SUPERRES_CASES)
 def test_superres_forward_matches_reference(golden_root: Path, case: str) -> None:
-    meta, arrays = _load_case(golden_root, case)
+    meta, arrays = load_case(golden_root, case)
     model = _reference_model(meta, arrays)
     assert isinstance(model, SuperResUNet)
     x, low_res = arrays["input/x"], arrays["input/low_res"]
     y = arrays.get("input/y") if model.config.num_classes is not None else None
-    _check(upsample_low_res(low_res, x.shape[-2:]), meta, arrays, "debug/low_res_upsampled")
+    check_array(upsample_low_res(low_res, x.shape[-2:]), meta, arrays, "debug/low_res_upsampled")
     with torch.no_grad():
         out = model(x, arrays["input/t"], low_res, y)
-    _check(out, meta, arrays, "output/model_output")
+    check_array(out, meta, arrays, "output/model_output")
 
 
 # Released checkpoints (spec section 4): flags translated by hand, counted on the meta device.
@@ -224,7 +188,7 @@ def test_released_parameter_counts(name: str) -> None:
 
 def test_fresh_unet_outputs_exactly_zero() -> None:
     model = UNet(_tiny(num_classes=10, out_channels=6)).eval()
-    out = model(_noise(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 9]))
+    out = model(seeded_noise(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 9]))
     assert out.shape == (2, 6, 16, 16)
     assert torch.count_nonzero(out) == 0
 
@@ -233,20 +197,20 @@ def test_fractional_channel_mult() -> None:
     config = UNetConfig(image_size=32, model_channels=64, channel_mult=[0.5, 1, 1, 2],
                         attention_ds=[4], num_res_blocks=1, num_head_channels=32)  # fmt: skip
     assert config.channel_mult == (0.5, 1, 1, 2) and config.attention_ds == (4,)
-    model = _randomize(UNet(config)).eval()
+    model = randomize(UNet(config)).eval()
     assert model.input_blocks[0][0].out_channels == 32 and model.out[2].in_channels == 32
     assert model.middle_block[0].in_layers[2].out_channels == 128
     with torch.no_grad():
-        out = model(_noise(1, 3, 32, 32), torch.tensor([10]))
+        out = model(seeded_noise(1, 3, 32, 32), torch.tensor([10]))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
 
 def _twin_outputs(a: UNetConfig, b: UNetConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of two configs with identical weights on the same input."""
-    first = _randomize(UNet(a)).eval()
+    first = randomize(UNet(a)).eval()
     second = UNet(b).eval()
     second.load_state_dict(first.state_dict(), strict=True)
-    x, t = _noise(2, 3, 16, 16, seed=1), torch.tensor([5, 500])
+    x, t = seeded_noise(2, 3, 16, 16, seed=1), torch.tensor([5, 500])
     with torch.no_grad():
         return first(x, t), second(x, t)
 
@@ -261,8 +225,8 @@ def test_head_order_matters_only_with_several_heads() -> None:
 
 
 def test_channels_last_input_gives_same_output() -> None:
-    model = _randomize(UNet(_tiny(num_classes=4, resblock_updown=True))).eval()
-    x, t, y = _noise(2, 3, 16, 16), torch.tensor([1, 900]), torch.tensor([0, 3])
+    model = randomize(UNet(_tiny(num_classes=4, resblock_updown=True))).eval()
+    x, t, y = seeded_noise(2, 3, 16, 16), torch.tensor([1, 900]), torch.tensor([0, 3])
     with torch.no_grad():
         ref = model(x, t, y)
         out = model(x.to(memory_format=torch.channels_last), t, y)
@@ -276,12 +240,12 @@ def test_channels_last_input_gives_same_output() -> None:
 
 
 def test_gradient_checkpointing_gives_identical_gradients() -> None:
-    plain = _randomize(UNet(_tiny(dropout=0.0, use_scale_shift_norm=True))).train()
+    plain = randomize(UNet(_tiny(dropout=0.0, use_scale_shift_norm=True))).train()
     ckpt = UNet(dataclasses.replace(plain.config, use_checkpoint=True)).train()
     ckpt.load_state_dict(plain.state_dict(), strict=True)
     calls = []
     ckpt.middle_block[0].in_layers[0].register_forward_hook(lambda *_: calls.append(1))
-    x, t = _noise(2, 3, 16, 16), torch.tensor([2, 800])
+    x, t = seeded_noise(2, 3, 16, 16), torch.tensor([2, 800])
     grads = []
     for model in (plain, ckpt):
         xi = x.clone().requires_grad_(True)
@@ -297,8 +261,8 @@ def test_gradient_checkpointing_gives_identical_gradients() -> None:
 
 
 def test_timestep_forms() -> None:
-    model = _randomize(UNet(_tiny())).eval()
-    x = _noise(2, 3, 16, 16)
+    model = randomize(UNet(_tiny())).eval()
+    x = seeded_noise(2, 3, 16, 16)
     with torch.no_grad():
         ints = model(x, torch.tensor([7, 7]))
         assert torch.equal(model(x, torch.tensor([7.0, 7.0])), ints)
@@ -307,7 +271,7 @@ def test_timestep_forms() -> None:
 
 
 def test_label_errors() -> None:
-    x, t = _noise(2, 3, 16, 16), torch.tensor([1, 2])
+    x, t = seeded_noise(2, 3, 16, 16), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="unconditional"):
         UNet(_tiny())(x, t, torch.tensor([0, 1]))
     conditional = UNet(_tiny(num_classes=10))
@@ -351,11 +315,11 @@ def test_config_is_frozen_and_hashable() -> None:
 
 def test_superres_concatenates_upsampled_low_res() -> None:
     config = _tiny(num_classes=3, out_channels=6)
-    model = _randomize(SuperResUNet(config)).eval()
+    model = randomize(SuperResUNet(config)).eval()
     assert model.input_blocks[0][0].in_channels == 6
     plain = UNet(dataclasses.replace(config, in_channels=6)).eval()
     plain.load_state_dict(model.state_dict(), strict=True)
-    x, low_res = _noise(2, 3, 16, 16), _noise(2, 3, 8, 8, seed=1)
+    x, low_res = seeded_noise(2, 3, 16, 16), seeded_noise(2, 3, 8, 8, seed=1)
     t, y = torch.tensor([4, 40]), torch.tensor([0, 2])
     up = upsample_low_res(low_res, (16, 16))
     assert up.shape == (2, 3, 16, 16)
