@@ -9,41 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adm import flags
 from adm.classifier import ClassifierConfig, NoisyClassifier
 from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
-# Defaults of the reference `EncoderUNetModel` constructor (they differ from ClassifierConfig's,
-# which follow the released classifiers), for kwargs a fixture leaves out.
-_REFERENCE_DEFAULTS = {
-    "dropout": 0.0,
-    "channel_mult": (1, 2, 4, 8),
-    "conv_resample": True,
-    "dims": 2,
-    "use_checkpoint": False,
-    "use_fp16": False,
-    "num_heads": 1,
-    "num_head_channels": -1,
-    "num_heads_upsample": -1,
-    "use_scale_shift_norm": False,
-    "resblock_updown": False,
-    "use_new_attention_order": False,
-    "pool": "adaptive",
-}
-
-
-def _config_from_reference(kwargs: dict) -> ClassifierConfig:
-    """Reference `EncoderUNetModel` constructor kwargs -> ClassifierConfig (test-only)."""
-    kw = {**_REFERENCE_DEFAULTS, **kwargs}
-    assert kw.pop("dims") == 2
-    kw.pop("use_fp16")
-    kw.pop("num_heads_upsample")  # accepted but unused by the encoder
-    kw["attention_ds"] = tuple(kw.pop("attention_resolutions"))
-    kw["channel_mult"] = tuple(kw["channel_mult"])
-    kw["num_head_channels"] = None if kw["num_head_channels"] == -1 else kw["num_head_channels"]
-    return ClassifierConfig(**kw)
-
-
 CLASSIFIER_CASES = golden_cases("classifier", default=("classifier",))
+
+
+def _build(spec: dict) -> torch.nn.Module:
+    """The fixture's network from the original class name and constructor kwargs."""
+    return flags.build_network(
+        spec["class"], flags.config_from_constructor(spec["class"], spec["kwargs"])
+    )
 
 
 def _guidance_grad(model: NoisyClassifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
@@ -75,7 +52,7 @@ def test_classifier_matches_reference(golden_root: Path, case: str) -> None:
     assert meta["kind"] == "classifier"
     (spec,) = meta["models"].values()
     assert spec["class"] == "EncoderUNetModel"
-    model = NoisyClassifier(_config_from_reference(spec["kwargs"]))
+    model = _build(spec)
     assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == spec["state_dict_keys"]
     assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"]
     prefix = spec["state_dict_prefix"]

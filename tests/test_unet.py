@@ -8,38 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from adm import flags
 from adm.unet import SuperResUNet, UNet, UNetConfig, upsample_low_res
 from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
-
-# Defaults of the reference `UNetModel` constructor, for kwargs a fixture leaves out.
-_REFERENCE_DEFAULTS = {
-    "dropout": 0.0,
-    "channel_mult": (1, 2, 4, 8),
-    "conv_resample": True,
-    "dims": 2,
-    "num_classes": None,
-    "use_checkpoint": False,
-    "use_fp16": False,
-    "num_heads": 1,
-    "num_head_channels": -1,
-    "num_heads_upsample": -1,
-    "use_scale_shift_norm": False,
-    "resblock_updown": False,
-    "use_new_attention_order": False,
-}
-
-
-def _config_from_reference(kwargs: dict) -> UNetConfig:
-    """Reference `UNetModel`/`SuperResModel` constructor kwargs -> UNetConfig (test-only)."""
-    kw = {**_REFERENCE_DEFAULTS, **kwargs}
-    assert kw.pop("dims") == 2
-    kw.pop("use_fp16")  # float32 fixtures; adm uses torch.amp instead
-    kw["attention_ds"] = tuple(kw.pop("attention_resolutions"))
-    kw["channel_mult"] = tuple(kw["channel_mult"])
-    for key in ("num_head_channels", "num_heads_upsample"):
-        kw[key] = None if kw[key] == -1 else kw[key]
-    return UNetConfig(**kw)
-
 
 UNET_CASES = golden_cases(
     "unet_forward", default=("unet_forward_a", "unet_forward_b", "unet_forward_c")
@@ -47,11 +18,17 @@ UNET_CASES = golden_cases(
 SUPERRES_CASES = golden_cases("superres", default=("superres",))
 
 
+def _build(spec: dict) -> torch.nn.Module:
+    """The fixture's network from the original class name and constructor kwargs."""
+    return flags.build_network(
+        spec["class"], flags.config_from_constructor(spec["class"], spec["kwargs"])
+    )
+
+
 def _reference_model(meta: dict, arrays: dict) -> UNet:
     """Build the case's network from its constructor kwargs and load its weights strictly."""
     (spec,) = meta["models"].values()
-    cls = {"UNetModel": UNet, "SuperResModel": SuperResUNet}[spec["class"]]
-    model = cls(_config_from_reference(spec["kwargs"]))
+    model = _build(spec)
     prefix = spec["state_dict_prefix"]
     weights = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
     model.load_state_dict(weights, strict=True)
@@ -75,8 +52,7 @@ def _tiny(**overrides) -> UNetConfig:
 def test_state_dict_layout_matches_reference(golden_root: Path, case: str) -> None:
     meta, _ = load_case(golden_root, case)
     (spec,) = meta["models"].values()
-    cls = {"UNetModel": UNet, "SuperResModel": SuperResUNet}[spec["class"]]
-    model = cls(_config_from_reference(spec["kwargs"]))
+    model = _build(spec)
     ours = [[key, list(value.shape)] for key, value in model.state_dict().items()]
     assert ours == spec["state_dict_keys"]
     assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"]
