@@ -4,33 +4,20 @@ Usage:
     python benchmarks/bench_eval.py                          # CPU (CUDA when present)
     python benchmarks/bench_eval.py --device cuda --batch-size 256 --images 1024 --pr-points 10000
 
-Weights are random (speed does not depend on them). Each timing is the fastest of --repeats runs
-after one warm-up: the machine is shared, and the minimum is the figure least disturbed by others.
+Weights are random (speed does not depend on them). Each configuration runs --repeats times after
+one warm-up; repetitions more than 25% slower than the fastest are flagged (*) as disturbed by
+other load (the machine is shared) and left out of the reported mean (benchmarks/timing.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+import timing
 import torch
 
 from adm import evaluate, inception, metrics
-
-
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def bench_extraction(args, device: torch.device) -> None:
@@ -45,11 +32,11 @@ def bench_extraction(args, device: torch.device) -> None:
                 for _ in range(max(1, args.images // args.batch_size)):
                     model(images.to(device))
 
-        seconds = _best(run, args.repeats)
+        timed = timing.repeat(run, args.repeats)
         n = max(1, args.images // args.batch_size) * args.batch_size
         print(
             f"extraction {size}x{size} -> 299, batch {args.batch_size}, {device}: "
-            f"{n / seconds:.2f} images/s"
+            f"{n / timed.mean:.2f} images/s  (repeats {timed.describe()} s)"
         )
 
 
@@ -57,23 +44,28 @@ def bench_metrics(args, device: torch.device) -> None:
     rng = np.random.default_rng(0)
     for n in args.stats_points:
         feats = np.abs(rng.standard_normal((n, 2048))).astype(np.float32) * 0.4
-        seconds = _best(lambda feats=feats: metrics.compute_statistics(feats), args.repeats)
-        print(f"statistics of {n} x 2048 features (float64): {seconds:.2f} s")
+        timed = timing.repeat(lambda feats=feats: metrics.compute_statistics(feats), args.repeats)
+        print(
+            f"statistics of {n} x 2048 features (float64): {timed.mean:.2f} s  ({timed.describe()})"
+        )
     a = metrics.compute_statistics(np.abs(rng.standard_normal((4000, 2048))).astype(np.float32))
     b = metrics.compute_statistics(np.abs(rng.standard_normal((4000, 2048))).astype(np.float32))
-    seconds = _best(lambda: metrics.frechet_distance(a, b), args.repeats)
-    print(f"frechet_distance on 2048-d statistics (eigvals of the product): {seconds:.2f} s")
+    timed = timing.repeat(lambda: metrics.frechet_distance(a, b), args.repeats)
+    print(
+        "frechet_distance on 2048-d statistics (eigvals of the product): "
+        f"{timed.mean:.2f} s  ({timed.describe()})"
+    )
     if args.pr_points:
         ref = torch.rand(args.pr_points, 2048) * 0.8
         sample = torch.rand(args.pr_points, 2048) * 0.8
         for mode in ("original", "exact"):
-            seconds = _best(
+            timed = timing.repeat(
                 lambda mode=mode: metrics.precision_recall(ref, sample, mode=mode, device=device),
                 max(1, args.repeats - 1),
             )
             print(
                 f"precision_recall {args.pr_points} vs {args.pr_points}, {mode}, {device}: "
-                f"{seconds:.2f} s"
+                f"{timed.mean:.2f} s  ({timed.describe()})"
             )
 
 

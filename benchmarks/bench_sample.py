@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
+import timing
 import torch
 
 from adm import guidance, presets, runtime, sampling
@@ -31,23 +31,6 @@ def _build(name: str, device: torch.device) -> torch.nn.Module:
         for p in model.parameters():  # fresh ADM nets are zero-initialised: perturb them
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
-
-
-def _time(fn, repeats: int) -> tuple[float, list[float], list[bool]]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    best = min(times)
-    disturbed = [t > 1.25 * best for t in times]
-    clean = [t for t, d in zip(times, disturbed, strict=True) if not d]
-    return sum(clean) / len(clean), times, disturbed
 
 
 def main() -> None:
@@ -94,12 +77,9 @@ def main() -> None:
                 with runtime.autocast(device, args.precision):
                     sampler(model_fn, diff, noise, cond_fn=cond_fn, model_kwargs={"y": y})
 
-            mean, times, disturbed = _time(run, args.repeats)
-            results[label] = mean
-            reps = " ".join(
-                f"{t:.2f}{'*' if d else ''}" for t, d in zip(times, disturbed, strict=True)
-            )
-            print(f"{sampler_name:10} {label:10} {mean:8.2f} {n / mean:8.2f}  {reps}")
+            timed = timing.repeat(run, args.repeats)
+            results[label] = mean = timed.mean
+            print(f"{sampler_name:10} {label:10} {mean:8.2f} {n / mean:8.2f}  {timed.describe()}")
         share = 1 - results["none"] / results["classifier"]
         print(f"{sampler_name:10} classifier share of guided time: {share:.0%}")
 
