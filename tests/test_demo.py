@@ -57,24 +57,54 @@ def test_full_demo_meets_the_quality_bar(tmp_path, data_dir):
 def test_missing_weights_and_bad_arguments_are_clear(tmp_path, capsys):
     assert cli.main(["demo", "--weights", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "demo weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     assert cli.main(["demo", "--per-class", "1", "--out", str(tmp_path / "o")]) == 2
+    capsys.readouterr()
+    assert cli.main(["demo", "--eta", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "--eta must be between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help_states_the_demo_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {demo.DemoSettings.eta:g})" in help_text
 
 
 def test_documented_training_commands_resolve(tmp_path, data_dir, capsys):
-    """Every stage of `adm demo --retrain` is a valid adm command (checked with --dry-run)."""
+    """Every stage of `adm demo --retrain` is a valid adm command (checked with --dry-run), each
+    "{run}" standing for a checkpoint of that run's preset, and a stage exports each model."""
     import torch
 
     from adm import checkpoint, presets
 
-    judge = presets.get_preset("fmnist_judge")
-    stage1 = checkpoint.save_model(
-        presets.build_model(judge), judge, tmp_path / "stage1.safetensors"
-    )
+    preset_of = {name: args[args.index("--preset") + 1] for name, args, _ in demo.TRAINING}
+    saved = {}
+    for name in set(preset_of.values()):
+        preset = presets.get_preset(name)
+        saved[name] = checkpoint.save_model(
+            presets.build_model(preset), preset, tmp_path / f"{name}.safetensors"
+        )
     for index in range(len(demo.TRAINING)):
         cmd = demo.training_command(
-            index, data_dir, tmp_path / "runs", resolve=lambda _: str(stage1)
+            index, data_dir, tmp_path / "runs", resolve=lambda run: str(saved[preset_of[run.name]])
         )
         assert cmd[0] == "adm"
         torch.manual_seed(0)
         assert cli.main([*cmd[1:], "--dry-run"]) == 0, capsys.readouterr().err
         capsys.readouterr()
+    exported = {name: which for name, _, which in demo.TRAINING if which is not None}
+    assert sorted(exported) == sorted(demo.MODELS)
+    assert all(which == "model" or which.startswith("ema_") for which in exported.values())
+
+
+def test_retrain_exports_the_chosen_file_of_the_last_step(tmp_path):
+    """`--retrain` bundles the raw model or the named EMA of each run's last complete step."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (500, 1000):
+        (run / f"state_{step:06d}.pt").write_bytes(b"")
+    (run / "state_001500.pt.tmp").write_bytes(b"")  # an unfinished save is not a checkpoint
+    assert demo._last_checkpoint(run, "model") == run / "model_001000.safetensors"
+    assert demo._last_checkpoint(run, "ema_0.999") == run / "ema_0.999_001000.safetensors"

@@ -51,12 +51,15 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
                    "(resumable: rerun to continue; about 2 h on 2 CPU cores)")  # fmt: skip
     p.add_argument("--work-dir", default="runs/demo-train", help="--retrain's run folders")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--eta", type=float, help="DDIM's eta for the scale sweep: 0 deterministic, "
+                   "1 fresh noise at every step (default 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     import torch
@@ -71,6 +74,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if args.retrain:
             weights = demo.retrain(Path(args.work_dir), args.data, not args.no_progress)
         settings = demo.DemoSettings(per_class=args.per_class, seed=args.seed)
+        if args.eta is not None:
+            if not 0 <= args.eta <= 1:
+                raise UserError(f"--eta must be between 0 and 1, got {args.eta:g}")
+            settings = dataclasses.replace(settings, eta=args.eta)
         result = demo.run_demo(
             Path(args.out), settings, weights_dir=weights, data_dir=args.data,
             device=torch.device(args.device), progress=not args.no_progress,

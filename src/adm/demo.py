@@ -34,6 +34,9 @@ class DemoSettings:
     classes: tuple[int, ...] = tuple(range(10))
     scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     steps: str = "ddim25"
+    eta: float = (
+        1.0  # DDIM's η: 1 draws fresh noise at every step, 0 is deterministic (docs/demo.md)
+    )
     dpm_steps: int = 10
     dpm_scale: float = 4.0
     reference_size: int = 2000  # test images for FID, precision / recall and judge accuracy
@@ -98,7 +101,10 @@ def _sample(
 
     kwargs = {"cond_fn": cond_fn, "model_kwargs": {"y": labels}}
     if solver == "ddim":
-        images = sampling.ddim_sample(model_fn, diff, noise, **kwargs)
+        # the per-sample generators go on to draw each sample's step noise (η > 0)
+        images = sampling.ddim_sample(
+            model_fn, diff, noise, eta=settings.eta, generator=gens, **kwargs
+        )
     else:
         images = sampling.dpm_solver_sample(model_fn, diff, noise, **kwargs)
     return to_uint8(images)[..., 0]
@@ -141,9 +147,9 @@ def run_demo(
 
     start = time.perf_counter()
     device = device or torch.device("cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
     folder = fashion_mnist.find(data_dir)
     models, presets = load_models(weights_dir, device)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be there
     judge = Judge(models["fmnist_judge"])
     test_images, test_labels = fashion_mnist.load(folder, "t10k")
     ref = np.random.default_rng(settings.seed).permutation(len(test_images))[
@@ -266,29 +272,42 @@ def _plot(path: Path, result: dict) -> bool:
 
 # ---- --retrain: the exact `adm train*` commands that made the bundled weights ------------------
 
-# The bundled diffusion model is this run's last checkpoint: its raw weights, not an EMA (after so
-# few steps an EMA of rate 0.999 still holds ~20% of the zero-output initialisation); docs/demo.md.
-DIFFUSION_STEPS = 2000
-# (run name, adm arguments after --data/--out, file exported as the bundled weights or None).
-# "{run}" in an argument stands for the last model checkpoint of an earlier run.
+EXPORT_DIFFUSION = "ema_0.999"  # the diffusion model is bundled as this EMA (docs/demo.md)
+
+# (run name, adm arguments after --data/--out, the file of the run's last step bundled as its
+# weights: "model" for the raw weights, "ema_<rate>" for an EMA, None for an intermediate stage).
+# "{run}" in an argument stands for the raw model of an earlier run's last step.
 TRAINING: list[tuple[str, list[str], str | None]] = [
-    ("fmnist_diffusion",
-     ["train", "--preset", "fmnist_diffusion", "--steps", str(DIFFUSION_STEPS),
+    ("fmnist_diffusion_stage1",
+     ["train", "--preset", "fmnist_diffusion", "--steps", "2000",
       "--batch-size", "64", "--lr", "3e-4", "--ema-rate", "0.999,0.9995", "--no-flip",
       "--log-interval", "50", "--save-interval", "250", "--keep", "2", "--seed", "1"],
-     "model"),
+     None),
+    ("fmnist_diffusion",  # a second stage from the first one's weights, the LR annealed to 0
+     ["train", "--preset", "fmnist_diffusion", "--init-from", "{fmnist_diffusion_stage1}",
+      "--steps", "4000", "--batch-size", "64", "--lr", "3e-4", "--anneal-lr",
+      "--ema-rate", "0.999,0.9995", "--no-flip", "--log-interval", "50", "--save-interval", "500",
+      "--keep", "3", "--seed", "6"],
+     EXPORT_DIFFUSION),
     ("fmnist_classifier_stage1",
      ["train-classifier", "--preset", "fmnist_classifier", "--steps", "600",
       "--batch-size", "128", "--lr", "3e-4", "--weight-decay", "0.05", "--anneal-lr",
       "--no-flip", "--no-random-crop", "--log-interval", "50", "--save-interval", "200",
       "--eval-interval", "200", "--keep", "2", "--seed", "2"],
      None),
-    ("fmnist_classifier",  # a second annealed stage from the first one's weights
+    ("fmnist_classifier_stage2",  # annealed stages, each from the previous one's weights
      ["train-classifier", "--preset", "fmnist_classifier", "--init-from",
       "{fmnist_classifier_stage1}", "--steps", "600", "--batch-size", "128", "--lr", "3e-4",
       "--weight-decay", "0.05", "--anneal-lr", "--no-flip", "--no-random-crop",
       "--log-interval", "50", "--save-interval", "200", "--eval-interval", "200", "--keep", "2",
       "--seed", "5"],
+     None),
+    ("fmnist_classifier",
+     ["train-classifier", "--preset", "fmnist_classifier", "--init-from",
+      "{fmnist_classifier_stage2}", "--steps", "5000", "--batch-size", "128", "--lr", "3e-4",
+      "--weight-decay", "0.05", "--anneal-lr", "--no-flip", "--no-random-crop",
+      "--log-interval", "50", "--save-interval", "500", "--eval-interval", "500", "--keep", "3",
+      "--seed", "7"],
      "model"),
     ("fmnist_judge_stage1",
      ["train-classifier", "--preset", "fmnist_judge", "--steps", "1200",
@@ -316,9 +335,17 @@ def training_command(index: int, data: Path, work_dir: Path, resolve=None) -> li
 
 
 def _last_model(run_dir: Path) -> str:
+    return str(_last_checkpoint(run_dir, "model"))
+
+
+def _last_checkpoint(run_dir: Path, which: str) -> Path:
+    """The raw model ("model") or an EMA ("ema_<rate>") of the run's last saved step."""
     from adm import train_state
 
-    return str(train_state.model_path(run_dir, train_state.latest_step(run_dir)))
+    step = train_state.latest_step(run_dir)
+    if which == "model":
+        return train_state.model_path(run_dir, step)
+    return train_state.ema_path(run_dir, float(which.removeprefix("ema_")), step)
 
 
 def retrain(work_dir: Path, data_dir: str | None = None, progress: bool = True) -> Path:
@@ -337,8 +364,10 @@ def retrain(work_dir: Path, data_dir: str | None = None, progress: bool = True) 
         cmd = [sys.executable, "-m", "adm.cli", *cmd[1:], *([] if progress else ["--no-progress"])]
         print(f"adm demo --retrain: adm {' '.join(cmd[3:])}", file=sys.stderr)
         subprocess.run(cmd, check=True, env=env)
-        if export == "model":
-            export_weights(Path(_last_model(work_dir / name)), weights / f"{name}.safetensors")
+        if export is not None:
+            export_weights(
+                _last_checkpoint(work_dir / name, export), weights / f"{name}.safetensors"
+            )
     return weights
 
 
