@@ -70,6 +70,7 @@ def test_cli_help_states_the_demo_defaults(capsys):
         cli.main(["demo", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"(default {demo.DemoSettings.eta:g})" in help_text
+    assert f"samples per class and scale (default {demo.DemoSettings.per_class})" in help_text
 
 
 def test_documented_training_commands_resolve(tmp_path, data_dir, capsys):

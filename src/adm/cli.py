@@ -44,11 +44,13 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--per-class", type=int, default=5, help="samples per class and scale")
+    p.add_argument(
+        "--per-class", type=int, default=10, help="samples per class and scale (default 10)"
+    )
     p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (else searched)")
     p.add_argument("--weights", help="folder with the three demo .safetensors (default: bundled)")
     p.add_argument("--retrain", action="store_true", help="train all three models first "
-                   "(resumable: rerun to continue; about 2 h on 2 CPU cores)")  # fmt: skip
+                   "(resumable: rerun to continue; about 4.5 h on a 2-core CPU)")  # fmt: skip
     p.add_argument("--work-dir", default="runs/demo-train", help="--retrain's run folders")
     p.add_argument("--device", default="cpu")
     p.add_argument("--eta", type=float, help="DDIM's eta for the scale sweep: 0 deterministic, "

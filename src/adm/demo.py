@@ -1,11 +1,12 @@
 """`adm demo`: the paper's trade-off in miniature (Dhariwal & Nichol 2021, §4 and Fig. 4).
 
 An unconditional diffusion model of Fashion-MNIST is steered towards requested classes by a noisy
-classifier (Algorithm 2, DDIM-25) at guidance scales 0, 1, 2, 4, 8, plus DPM-Solver++(2M) at 10
-steps. A separate "judge" classifier trained on clean images stands in for the Inception network:
-its accuracy on the requested class measures fidelity to the class, and FID / precision / recall
-in its feature space against the test set measure quality and diversity. Weights ship with the
-package (`adm/weights/`); `--retrain` trains all three with adm's own training code first.
+classifier (Algorithm 2, DDIM-25 with η = 1 by default) at guidance scales 0, 1, 2, 4, 8, plus
+DPM-Solver++(2M) at 10 steps. A separate "judge" classifier trained on clean images stands in for
+the Inception network: its accuracy on the requested class measures fidelity to the class, and
+FID / precision / recall in its feature space against the test set measure quality and
+diversity. Weights ship with the package (`adm/weights/`); `--retrain` trains all three with
+adm's own training code first.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MODELS = ("fmnist_diffusion", "fmnist_classifier", "fmnist_judge")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    per_class: int = 5  # samples per requested class and scale
+    per_class: int = 10  # samples per requested class and scale
     classes: tuple[int, ...] = tuple(range(10))
     scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     steps: str = "ddim25"
@@ -228,7 +229,7 @@ An unconditional diffusion model steered by a noisy classifier towards requested
 column per class: {names}). The judge, a classifier trained on clean images (accuracy
 {result["judge_test_accuracy"]:.1%} on the {result["reference_images"]} test images used here),
 scores the samples; FID, precision and recall use its features against those test images
-({result["num_samples_per_scale"]} samples per scale).
+({result["num_samples_per_scale"]} samples per scale; DDIM with η = {result["settings"]["eta"]:g}).
 
 {table(result)}
 
@@ -257,7 +258,8 @@ def _plot(path: Path, result: dict) -> bool:
         ("judge accuracy (fidelity)", "precision", "recall (diversity)", "FID (judge features)"),
         strict=True,
     ):  # fmt: skip
-        ax.plot(scales, [r[key] for r in rows], "o-", label="DDIM-25")
+        eta = result["settings"]["eta"]
+        ax.plot(scales, [r[key] for r in rows], "o-", label=f"DDIM-25, η = {eta:g}")
         dpm = result["dpm_solver"]
         ax.plot([dpm["scale"]], [dpm[key]], "s", label=f"DPM-Solver++ {dpm['steps']}")
         ax.set_title(title)
