@@ -40,7 +40,7 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
             "classes with the bundled noisy classifier (DDIM-25 at scales 0, 1, 2, 4, 8 and "
             "DPM-Solver++ at 10 steps), score the samples with an independent judge classifier "
             "(accuracy, FID, precision, recall in its feature space) and write grids, a plot, "
-            "report.md and metrics.json. About 2-3 minutes on 2 CPU cores."
+            "report.md and metrics.json. About 2 minutes on 2 CPU cores."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
