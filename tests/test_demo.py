@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from adm import cli, demo, fashion_mnist
 
@@ -109,3 +110,33 @@ def test_retrain_exports_the_chosen_file_of_the_last_step(tmp_path):
     (run / "state_001500.pt.tmp").write_bytes(b"")  # an unfinished save is not a checkpoint
     assert demo._last_checkpoint(run, "model") == run / "model_001000.safetensors"
     assert demo._last_checkpoint(run, "ema_0.999") == run / "ema_0.999_001000.safetensors"
+
+
+def test_training_chains_keep_every_stage_after_the_runs_it_reads():
+    for jobs in (1, 2):
+        chains = demo.training_chains(jobs)
+        assert sorted(i for chain in chains for i in chain) == list(range(len(demo.TRAINING)))
+        for chain in chains:
+            names = [demo.TRAINING[i][0] for i in chain]
+            for position, index in enumerate(chain):
+                refs = [a[1:-1] for a in demo.TRAINING[index][1] if a.startswith("{")]
+                assert all(ref in names[:position] for ref in refs), (names[position], refs)
+
+
+def test_retrain_runs_every_stage_and_exports_loadable_weights(tmp_path, data_dir, monkeypatch):
+    """`adm demo --retrain` end to end with the documented stages cut to two tiny steps each."""
+    shrink = {"--steps": "2", "--batch-size": "4", "--save-interval": "2", "--log-interval": "1",
+              "--eval-interval": "2", "--eval-size": "8"}  # fmt: skip
+    tiny = []
+    for name, args, export in demo.TRAINING:
+        args = [
+            shrink.get(prev, a) if prev in shrink else a
+            for prev, a in zip(["", *args], args, strict=False)
+        ]
+        tiny.append((name, args, export))
+    monkeypatch.setattr(demo, "TRAINING", tiny)
+    weights = demo.retrain(tmp_path / "train", str(data_dir), progress=False, jobs=2)
+    models, _ = demo.load_models(weights, torch.device("cpu"))
+    assert sorted(models) == sorted(demo.MODELS)
+    assert (tmp_path / "train" / "fmnist_judge.log").is_file()  # the second chain's output
+    assert demo._last_checkpoint(tmp_path / "train" / "fmnist_diffusion", "ema_0.999").is_file()

@@ -50,8 +50,11 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (else searched)")
     p.add_argument("--weights", help="folder with the three demo .safetensors (default: bundled)")
     p.add_argument("--retrain", action="store_true", help="train all three models first "
-                   "(resumable: rerun to continue; about 4.5 h on a 2-core CPU)")  # fmt: skip
+                   "(resumable: rerun to continue; about 3 h on a 2-core CPU)")  # fmt: skip
     p.add_argument("--work-dir", default="runs/demo-train", help="--retrain's run folders")
+    p.add_argument("--retrain-jobs", type=int, default=2, choices=(1, 2),
+                   help="--retrain: 2 runs the diffusion and classifier stages side by side, one "
+                   "thread each (default 2); 1 runs them one after the other")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--eta", type=float, help="DDIM's eta for the scale sweep: 0 deterministic, "
                    "1 fresh noise at every step (default 1)")  # fmt: skip
@@ -74,7 +77,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         weights = Path(args.weights) if args.weights else demo.WEIGHTS_DIR
         if args.retrain:
-            weights = demo.retrain(Path(args.work_dir), args.data, not args.no_progress)
+            weights = demo.retrain(
+                Path(args.work_dir), args.data, not args.no_progress, jobs=args.retrain_jobs
+            )
         settings = demo.DemoSettings(per_class=args.per_class, seed=args.seed)
         if args.eta is not None:
             if not 0 <= args.eta <= 1:

@@ -331,7 +331,11 @@ def training_command(index: int, data: Path, work_dir: Path, resolve=None) -> li
     `resolve(run_dir)` (default: a readable placeholder, for the documentation)."""
     name, args, _ = TRAINING[index]
     resolve = resolve or (lambda run_dir: f"{run_dir}/model_<last step>.safetensors")
-    refs = {n: resolve(work_dir / n) for n, _, _ in TRAINING[:index]}
+    earlier = {n for n, _, _ in TRAINING[:index]}
+    used = {a[1:-1] for a in args if a.startswith("{") and a.endswith("}")}
+    if used - earlier:
+        raise ValueError(f"stage {name} reads {sorted(used - earlier)}, not earlier stages")
+    refs = {n: resolve(work_dir / n) for n in used}
     args = [a.format(**refs) for a in args]
     return ["adm", args[0], "--data", str(data), "--out", str(work_dir / name), *args[1:]]
 
@@ -350,26 +354,62 @@ def _last_checkpoint(run_dir: Path, which: str) -> Path:
     return train_state.ema_path(run_dir, float(which.removeprefix("ema_")), step)
 
 
-def retrain(work_dir: Path, data_dir: str | None = None, progress: bool = True) -> Path:
+def training_chains(jobs: int = 2) -> list[list[int]]:
+    """Stage indices of `TRAINING` in the order they run: with 2 jobs the diffusion stages in one
+    chain and the classifier stages in another, side by side (no stage reads the other chain)."""
+    diffusion = [i for i, (_, args, _) in enumerate(TRAINING) if args[0] == "train"]
+    others = [i for i in range(len(TRAINING)) if i not in diffusion]
+    return [diffusion + others] if jobs == 1 else [diffusion, others]
+
+
+def retrain(
+    work_dir: Path, data_dir: str | None = None, progress: bool = True, jobs: int = 2
+) -> Path:
     """Train the demo models from scratch with `adm train` / `adm train-classifier` (rerunning
-    continues an interrupted run) and export them to `work_dir/weights`."""
+    continues an interrupted run) and export them to `work_dir/weights`. With `jobs` = 2 the
+    diffusion and classifier stages run side by side, one thread each; the second chain's output
+    goes to `work_dir/<stage>.log`."""
+    import contextlib
     import os
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
+    if jobs not in (1, 2):
+        raise ValueError(f"--retrain runs 1 or 2 jobs at once, got {jobs}")
     folder = fashion_mnist.find(data_dir)
     weights = work_dir / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    for index, (name, _, export) in enumerate(TRAINING):
-        cmd = training_command(index, folder, work_dir, resolve=_last_model)
-        cmd = [sys.executable, "-m", "adm.cli", *cmd[1:], *([] if progress else ["--no-progress"])]
-        print(f"adm demo --retrain: adm {' '.join(cmd[3:])}", file=sys.stderr)
-        subprocess.run(cmd, check=True, env=env)
-        if export is not None:
-            export_weights(
-                _last_checkpoint(work_dir / name, export), weights / f"{name}.safetensors"
-            )
+
+    def run_chain(stages: list[int], shown: bool) -> None:
+        for index in stages:
+            name, _, export = TRAINING[index]
+            cmd = training_command(index, folder, work_dir, resolve=_last_model)
+            flags = [] if progress and shown else ["--no-progress"]
+            cmd = [sys.executable, "-m", "adm.cli", *cmd[1:], *flags]
+            log = None if shown else work_dir / f"{name}.log"
+            where = "" if log is None else f" (output: {log})"
+            print(f"adm demo --retrain: adm {' '.join(cmd[3:])}{where}", file=sys.stderr)
+            with open(log, "a") if log else contextlib.nullcontext() as out:
+                stream = {"stdout": out, "stderr": subprocess.STDOUT} if log else {}
+                code = subprocess.run(cmd, env=env, check=False, **stream).returncode
+            if code != 0:
+                raise ValueError(
+                    f"training stage {name} failed (exit code {code}"
+                    + (f"; see {log}" if log else "")
+                    + "); rerun `adm demo --retrain` to continue from its last checkpoint"
+                )
+            if export is not None:
+                export_weights(
+                    _last_checkpoint(work_dir / name, export), weights / f"{name}.safetensors"
+                )
+
+    chains = training_chains(jobs)
+    with ThreadPoolExecutor(len(chains)) as pool:
+        futures = [pool.submit(run_chain, chain, i == 0) for i, chain in enumerate(chains)]
+    for future in futures:
+        future.result()  # the first failure, once every chain has stopped
     return weights
 
 
