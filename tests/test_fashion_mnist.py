@@ -89,6 +89,7 @@ def test_corrupt_download_is_rejected(fake_files, tmp_path):
     finally:
         server.shutdown()
     assert not (tmp_path / "dl" / "train-labels-idx1-ubyte.gz").exists()
+    assert not [p for p in (tmp_path / "dl").iterdir() if p.name.endswith(".tmp")]  # no leftovers
 
 
 def test_offline_and_absent_gives_both_remedies(fake_files, monkeypatch):

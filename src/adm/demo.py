@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from adm import checkpoint, fashion_mnist, guidance, metrics, sampling
-from adm.diffusion import Diffusion
+from adm.atomic import atomic_path
+from adm.diffusion import Diffusion, draw_noise
 from adm.generate import sample_generator, save_grid, to_uint8
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -35,9 +36,8 @@ class DemoSettings:
     classes: tuple[int, ...] = tuple(range(10))
     scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     steps: str = "ddim25"
-    eta: float = (
-        1.0  # DDIM's η: 1 draws fresh noise at every step, 0 is deterministic (docs/demo.md)
-    )
+    # DDIM's η: 1 draws fresh noise at every step, 0 is deterministic (docs/demo.md)
+    eta: float = 1.0
     dpm_steps: int = 10
     dpm_scale: float = 4.0
     reference_size: int = 2000  # test images for FID, precision / recall and judge accuracy
@@ -92,7 +92,7 @@ def _sample(
     diff = Diffusion.from_config(dataclasses.replace(config, timestep_respacing=steps))
     device = labels.device
     gens = [sample_generator(settings.seed, i, 0, device) for i in range(len(labels))]
-    noise = torch.stack([torch.randn(1, 28, 28, generator=g, device=device) for g in gens])
+    noise = draw_noise(torch.empty(len(labels), 1, 28, 28, device=device), gens)
     cond_fn = guidance.classifier_cond_fn(clf, scale) if scale else None
 
     def model_fn(x: Tensor, t: Tensor, **_: Tensor) -> Tensor:
@@ -216,7 +216,8 @@ def table(result: dict) -> str:
 
 
 def write_outputs(out_dir: Path, result: dict) -> None:
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     plot = _plot(out_dir / "tradeoff.png", result)
     grids = "\n".join(
         f"- scale {r['scale']:g} ({r['solver']}, {r['steps']} steps): ![]({r['grid']})"
@@ -239,7 +240,8 @@ scores the samples; FID, precision and recall use its features against those tes
 
 Run time: {result["seconds"]} s.
 """
-    (out_dir / "report.md").write_text(report)
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text(report)
 
 
 def _plot(path: Path, result: dict) -> bool:
@@ -267,7 +269,8 @@ def _plot(path: Path, result: dict) -> bool:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return True
 

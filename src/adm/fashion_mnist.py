@@ -12,13 +12,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from adm.atomic import atomic_path
 from adm.data import DataError, read_idx
 
 CLASS_NAMES = (
@@ -81,23 +81,25 @@ def fetch(folder: Path, searched: list[Path] | None = None, url: str | None = No
         if target.is_file():
             continue
         try:
-            with urllib.request.urlopen(url + stem + ".gz", timeout=30) as response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+            with atomic_path(target) as tmp:  # nothing is left behind if this fails
                 with (
-                    os.fdopen(fd, "wb") as out,
-                    tqdm(total=total, unit="B", unit_scale=True, desc=stem, leave=False) as bar,
-                ):
+                    urllib.request.urlopen(url + stem + ".gz", timeout=30) as response,
+                    open(tmp, "wb") as out,
+                    tqdm(
+                        total=int(response.headers.get("Content-Length") or 0) or None,
+                        unit="B", unit_scale=True, desc=stem, leave=False,
+                    ) as bar,
+                ):  # fmt: skip
                     while chunk := response.read(1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))
+                got = hashlib.sha256(gzip.decompress(tmp.read_bytes())).hexdigest()
+                if got != digest:
+                    raise DataError(
+                        f"downloaded {stem}.gz has the wrong contents (sha256 {got[:12]}…)"
+                    )
         except (urllib.error.URLError, OSError) as err:
             raise DataError(f"{_remedies(searched or [folder])} (download failed: {err})") from None
-        got = hashlib.sha256(gzip.decompress(Path(tmp).read_bytes())).hexdigest()
-        if got != digest:
-            os.unlink(tmp)
-            raise DataError(f"downloaded {stem}.gz has the wrong contents (sha256 {got[:12]}…)")
-        os.replace(tmp, target)
     return folder
 
 

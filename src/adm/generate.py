@@ -276,7 +276,8 @@ def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> Non
         grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = (
             image
         )
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp, format="PNG")
 
 
 def dist_world() -> int:
