@@ -64,6 +64,11 @@ def test_missing_weights_and_bad_arguments_are_clear(tmp_path, capsys):
     assert cli.main(["demo", "--eta", "1.5", "--out", str(tmp_path / "o")]) == 2
     assert "--eta must be between 0 and 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # checked before --retrain would spend hours training
+    work = tmp_path / "train"
+    assert cli.main(["demo", "--retrain", "--work-dir", str(work), "--eta", "-1"]) == 2
+    assert "--eta must be between 0 and 1" in capsys.readouterr().err
+    assert not work.exists()
 
 
 def test_cli_help_states_the_demo_defaults(capsys):

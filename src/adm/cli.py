@@ -74,17 +74,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.per_class < 2:
         raise UserError("--per-class must be at least 2")
+    settings = demo.DemoSettings(per_class=args.per_class, seed=args.seed)
+    if args.eta is not None:
+        if not 0 <= args.eta <= 1:
+            raise UserError(f"--eta must be between 0 and 1, got {args.eta:g}")
+        settings = dataclasses.replace(settings, eta=args.eta)
     try:
         weights = Path(args.weights) if args.weights else demo.WEIGHTS_DIR
         if args.retrain:
             weights = demo.retrain(
                 Path(args.work_dir), args.data, not args.no_progress, jobs=args.retrain_jobs
             )
-        settings = demo.DemoSettings(per_class=args.per_class, seed=args.seed)
-        if args.eta is not None:
-            if not 0 <= args.eta <= 1:
-                raise UserError(f"--eta must be between 0 and 1, got {args.eta:g}")
-            settings = dataclasses.replace(settings, eta=args.eta)
         result = demo.run_demo(
             Path(args.out), settings, weights_dir=weights, data_dir=args.data,
             device=torch.device(args.device), progress=not args.no_progress,
