@@ -11,8 +11,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def golden_dir() -> Path:
-    """`$ADM_GOLDEN_DIR`, else `../shared/golden` next to the repository."""
-    return Path(os.environ.get("ADM_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+    """`$ADM_GOLDEN_DIR`, else `../shared/golden` next to the repository, else next to the local
+    repository this one was cloned from (a throw-away clone, e.g. in a temporary folder)."""
+    if "ADM_GOLDEN_DIR" in os.environ:
+        return Path(os.environ["ADM_GOLDEN_DIR"])
+    beside = REPO_ROOT.parent / "shared" / "golden"
+    origin = None if beside.is_dir() else _local_origin()
+    cloned_from = origin.parent / "shared" / "golden" if origin is not None else None
+    return cloned_from if cloned_from is not None and cloned_from.is_dir() else beside
+
+
+def _local_origin() -> Path | None:
+    """The folder of the `origin` remote when it is a path on this machine."""
+    import subprocess
+
+    try:
+        url = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "remote", "get-url", "origin"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(url.removeprefix("file://"))
+    return path.resolve() if path.is_dir() else None
 
 
 @pytest.fixture(scope="session")
