@@ -17,7 +17,7 @@ import numpy as np
 import timing
 import torch
 
-from adm import evaluate, inception, metrics
+from adm.evaluation import evaluate, inception, metrics
 
 
 def bench_extraction(args, device: torch.device) -> None:

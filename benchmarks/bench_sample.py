@@ -18,9 +18,11 @@ import dataclasses
 import timing
 import torch
 
-from adm import guidance, presets, runtime, sampling
-from adm.diffusion import Diffusion
-from adm.generate import sample_generator
+from adm._util import runtime
+from adm.diffusion import guidance, samplers
+from adm.diffusion.gaussian import Diffusion
+from adm.generate.sample import sample_generator
+from adm.models import presets
 
 
 def _build(name: str, device: torch.device) -> torch.nn.Module:
@@ -66,7 +68,7 @@ def main() -> None:
         diff = Diffusion.from_config(
             dataclasses.replace(preset.diffusion, timestep_respacing=respacing)
         )
-        sampler = sampling.ddim_sample if sampler_name == "ddim" else sampling.dpm_solver_sample
+        sampler = samplers.ddim_sample if sampler_name == "ddim" else samplers.dpm_solver_sample
         results = {}
         for label, cond_fn in (
             ("none", None),

@@ -1,4 +1,4 @@
-"""Training throughput of adm's real training step (`adm.train.Trainer.train_step`: forward,
+"""Training throughput of adm's real training step (`adm.training.loop.Trainer.train_step`: forward,
 hybrid loss, backward, AdamW, EMA, loss-second-moment bookkeeping) on synthetic batches.
 
 Reports images/s, peak memory (CPU: peak resident set of a fresh process per configuration;
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adm import data as datalib
-from adm import dist
-from adm.presets import get_preset
-from adm.train import DataSpec, RunSetup, TrainConfig, Trainer
+from adm._util import dist
+from adm.data import datasets as datalib
+from adm.models.presets import get_preset
+from adm.training.loop import DataSpec, RunSetup, TrainConfig, Trainer
 
 # Dense tensor-core peak (TFLOP/s) for bf16/fp16 from the vendors' datasheets (SXM parts).
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "V100": 125.0, "L40S": 362.0}

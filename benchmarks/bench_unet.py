@@ -36,8 +36,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 # isort: on
 
-from adm.presets import Preset, build_model, get_preset
-from adm.runtime import autocast, prepare_model
+from adm._util.runtime import autocast, prepare_model
+from adm.models.presets import Preset, build_model, get_preset
 
 SLOWER, CPU_SHARE, PROBE_OK = 1.15, 0.85, 0.85  # disturbance thresholds (see the docstring)
 

@@ -15,21 +15,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adm import checkpoint
-from adm.checkpoint import (
+from adm.models import checkpoint
+from adm.models.checkpoint import (
     CheckpointError,
     convert,
     detect_preset,
-    fetch,
     load_model,
     load_state_dict,
     read_preset,
     save_model,
 )
-from adm.presets import (
+from adm.models.fetch import fetch
+from adm.models.overrides import apply_overrides
+from adm.models.presets import (
     PRESETS,
     RELEASED,
-    apply_overrides,
     build_model,
     get_preset,
     state_dict_shapes,
@@ -418,11 +418,11 @@ def test_fetch_offline_says_where_to_put_the_file(
         fetch("tiny_diffusion", tmp_path)
 
 
-# ---- run-time settings (adm.runtime) -------------------------------------------------------
+# ---- run-time settings (adm._util.runtime) -------------------------------------------------------
 
 
 def test_precision_falls_back_to_fp32_on_the_cpu() -> None:
-    from adm.runtime import autocast, resolve_precision
+    from adm._util.runtime import autocast, resolve_precision
 
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.warns(UserWarning, match="only used on CUDA"):
@@ -434,7 +434,7 @@ def test_precision_falls_back_to_fp32_on_the_cpu() -> None:
 
 
 def test_prepare_model_for_inference_on_the_cpu() -> None:
-    from adm.runtime import prepare_model
+    from adm._util.runtime import prepare_model
 
     model = prepare_model(random_model("tiny_classifier").train(), device="cpu")
     assert not model.training

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adm import flags
-from adm.classifier import ClassifierConfig, NoisyClassifier
+from adm.models import flags
+from adm.nets.classifier import ClassifierConfig, NoisyClassifier
 from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
 CLASSIFIER_CASES = golden_cases("classifier", default=("classifier",))

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adm import batches, cli, evaluate, inception, metrics
+from adm.cli import main as cli
+from adm.evaluation import batches, evaluate, inception, metrics
 
 ORDER = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 

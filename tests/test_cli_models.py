@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adm.checkpoint import load_state_dict, read_preset
-from adm.cli import main
-from adm.presets import RELEASED, build_model, get_preset
+from adm.cli.main import main
+from adm.models.checkpoint import load_state_dict, read_preset
+from adm.models.presets import RELEASED, build_model, get_preset
 from loopback_http import Served, serve
 
 
@@ -120,8 +120,7 @@ def test_fetch_from_a_loopback_server(capsys, tmp_path: Path) -> None:
 
 def test_console_script_entry_point() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from adm.cli import main; sys.exit(main())", "info",
-         "128x128_classifier"],
+        [sys.executable, "-m", "adm", "info", "128x128_classifier"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from adm import checkpoint, cli, presets
+from adm.cli import main as cli
+from adm.models import checkpoint, presets
 
 
 def _nonzero_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -118,7 +119,7 @@ def test_two_processes_on_gloo_give_the_same_images_as_one(ckpts, tmp_path):
     two = tmp_path / "two"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "adm.cli",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "adm.cli.main",
         "sample", "--checkpoint", str(ckpts["model"]), "--out", str(two), "--no-progress",
         "--steps", "4", "--num-samples", "4", "--batch-size", "1", "--sampler", "ddpm",
         "--device", "cpu",

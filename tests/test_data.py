@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adm import data
+from adm.data import datasets as data
 
 
 def _image(path: Path, color: int, size: tuple[int, int] = (20, 24), mode: str = "RGB") -> None:

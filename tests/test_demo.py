@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from adm import cli, demo, fashion_mnist
+from adm.cli import demo
+from adm.cli import main as cli
+from adm.data import fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def data_dir():
 def test_bundled_weights_are_small_and_self_describing():
     files = [demo.WEIGHTS_DIR / f"{name}.safetensors" for name in demo.MODELS]
     assert sum(f.stat().st_size for f in files) <= 10 * 2**20
-    from adm import checkpoint
+    from adm.models import checkpoint
 
     assert [checkpoint.read_preset(f).name for f in files] == list(demo.MODELS)
 
@@ -84,7 +86,7 @@ def test_documented_training_commands_resolve(tmp_path, data_dir, capsys):
     "{run}" standing for a checkpoint of that run's preset, and a stage exports each model."""
     import torch
 
-    from adm import checkpoint, presets
+    from adm.models import checkpoint, presets
 
     preset_of = {name: args[args.index("--preset") + 1] for name, args, _ in demo.TRAINING}
     saved = {}

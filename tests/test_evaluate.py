@@ -15,10 +15,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from adm import batches, inception
-from adm.atomic import atomic_path
-from adm.inception import InceptionV3, WeightsError
-from adm.metrics import (
+from adm._util.atomic import atomic_path
+from adm.evaluation import batches, inception
+from adm.evaluation.inception import InceptionV3, WeightsError
+from adm.evaluation.metrics import (
     GaussianStats,
     StatsAccumulator,
     compute_statistics,
@@ -365,7 +365,11 @@ def test_npz_writer_streams_and_atomic_path_cleans_up(tmp_path) -> None:
 
 
 def test_frechet_distance_of_a_small_sample_set_equals_the_full_computation():
-    from adm.metrics import compute_statistics, frechet_distance, frechet_distance_to_features
+    from adm.evaluation.metrics import (
+        compute_statistics,
+        frechet_distance,
+        frechet_distance_to_features,
+    )
 
     rng = np.random.default_rng(0)
     ref = compute_statistics(rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)))

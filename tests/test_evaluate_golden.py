@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from adm.inception import spatial_features, tf1_resize_bilinear
-from adm.metrics import (
+from adm.evaluation.inception import spatial_features, tf1_resize_bilinear
+from adm.evaluation.metrics import (
     compute_statistics,
     frechet_distance,
     inception_score_splits,

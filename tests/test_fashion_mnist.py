@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adm import fashion_mnist
-from adm.data import DataError
+from adm.data import fashion_mnist
+from adm.data.datasets import DataError
 
 
 def _idx(array: np.ndarray) -> bytes:

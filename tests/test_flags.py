@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from adm import cli, flags
-from adm.classifier import ClassifierConfig
-from adm.unet import UNetConfig
+from adm.cli import main as cli
+from adm.models import flags
+from adm.nets.classifier import ClassifierConfig
+from adm.nets.unet import UNetConfig
 
 FLAGS_256 = (
     "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 256 "

@@ -17,10 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from adm import data, diffusion, flags, guidance, sampling
-from adm.diffusion import Diffusion
-from adm.nn import qkv_attention, timestep_embedding
-from adm.schedule import NoiseSchedule, named_betas, space_timesteps
+from adm.data import datasets as data
+from adm.diffusion import gaussian, guidance, samplers
+from adm.diffusion.gaussian import Diffusion
+from adm.diffusion.schedule import NoiseSchedule, named_betas, space_timesteps
+from adm.models import flags
+from adm.nets.nn import qkv_attention, timestep_embedding
 from conftest import golden_dir
 
 
@@ -87,7 +89,7 @@ def model_fn_for(net: torch.nn.Module, y: torch.Tensor | None, **cond) -> Callab
     return model_fn
 
 
-def stack_loop(steps: Iterator[sampling.SampleStep]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_loop(steps: Iterator[samplers.SampleStep]) -> tuple[torch.Tensor, torch.Tensor]:
     steps = list(steps)
     return torch.stack([s.sample for s in steps]), torch.stack([s.pred_x0 for s in steps])
 
@@ -132,13 +134,13 @@ def check_primitives(case: Case) -> dict:
             emb = timestep_embedding(case["input/timesteps"], dim, period)
             out[f"output/timestep_embedding/dim{dim}_maxperiod{period}"] = emb
     m1, lv1, m2, lv2 = (case[f"input/kl_{n}"] for n in ("mean1", "logvar1", "mean2", "logvar2"))
-    out["output/normal_kl"] = diffusion.normal_kl(m1, lv1, m2, lv2)
-    out["output/normal_kl_vs_standard"] = diffusion.normal_kl(m1, lv1, 0.0, 0.0)
-    out["output/approx_standard_normal_cdf"] = diffusion.approx_standard_normal_cdf(
+    out["output/normal_kl"] = gaussian.normal_kl(m1, lv1, m2, lv2)
+    out["output/normal_kl_vs_standard"] = gaussian.normal_kl(m1, lv1, 0.0, 0.0)
+    out["output/approx_standard_normal_cdf"] = gaussian.approx_standard_normal_cdf(
         case["input/cdf_x"]
     )
     out["output/discretized_gaussian_log_likelihood"] = (
-        diffusion.discretized_gaussian_log_likelihood(
+        gaussian.discretized_gaussian_log_likelihood(
             case["input/dgll_x"],
             means=case["input/dgll_means"],
             log_scales=case["input/dgll_log_scales"],
@@ -185,7 +187,7 @@ def check_classifier(case: Case) -> dict:
 
 
 def check_superres(case: Case) -> dict:
-    from adm.unet import upsample_low_res
+    from adm.nets.unet import upsample_low_res
 
     net = case.network("model")
     x, low_res = case["input/x"], case["input/low_res"]
@@ -199,17 +201,17 @@ def check_superres(case: Case) -> dict:
     with torch.no_grad():
         out["output/model_output"] = model_fn(x, case["input/t"])
         ddim = case.diffusion("ddim")
-        sample, pred = sampling.ddim_step(model_fn, ddim, x, case["input/t_ddim"])
+        sample, pred = samplers.ddim_step(model_fn, ddim, x, case["input/t_ddim"])
         out["output/ddim_step/sample"], out["output/ddim_step/pred_xstart"] = sample, pred
         ddpm = case.diffusion("ddpm")
-        sample, pred = sampling.ddpm_step(
+        sample, pred = samplers.ddpm_step(
             model_fn, ddpm, x, case["input/t_ddpm"], noise=case["input/step_noise"]
         )
         out["output/ddpm_step/sample"], out["output/ddpm_step/pred_xstart"] = sample, pred
     return out
 
 
-def _pmv(prefix: str, pmv: diffusion.PMeanVar) -> dict:
+def _pmv(prefix: str, pmv: gaussian.PMeanVar) -> dict:
     return {
         f"{prefix}/mean": pmv.mean,
         f"{prefix}/variance": pmv.variance,
@@ -224,24 +226,24 @@ def check_diffusion_learned(case: Case) -> dict:
     x0, t, noise = case["input/x_start"], case["input/t"], case["input/noise"]
     diff = case.diffusion("hybrid_mse")
     out: dict[str, torch.Tensor] = {}
-    q = diffusion.q_mean_variance(diff, x0, t)
+    q = gaussian.q_mean_variance(diff, x0, t)
     out.update(zip(("output/q_mean", "output/q_variance", "output/q_log_variance"), q, strict=True))
-    x_t = diffusion.q_sample(diff, x0, t, noise)
+    x_t = gaussian.q_sample(diff, x0, t, noise)
     out["output/x_t"] = x_t
-    post = diffusion.q_posterior(diff, x0, x_t, t)
+    post = gaussian.q_posterior(diff, x0, x_t, t)
     names = ("mean", "variance", "log_variance_clipped")
     out.update({f"output/q_posterior_{n}": v for n, v in zip(names, post, strict=True)})
     with torch.no_grad():
         raw = model_fn(x_t, diff.schedule.network_timesteps(t))
     out["output/model_raw_output"] = raw
-    pmv = diffusion.p_mean_variance
+    pmv = gaussian.p_mean_variance
     out.update(_pmv("output/p_mean_variance_clip", pmv(diff, raw, x_t, t)))
     out.update(_pmv("output/p_mean_variance_noclip", pmv(diff, raw, x_t, t, clip_denoised=False)))
     denoised = pmv(diff, raw, x_t, t, denoised_fn=lambda z: 0.9 * z)
     out.update(_pmv("output/p_mean_variance_denoised_fn", denoised))
     plain = pmv(case.diffusion("learned_plain"), raw, x_t, t)
     out.update(_pmv("output/p_mean_variance_learned_plain", plain))
-    out["output/vb_terms_bpd"] = diffusion.vb_terms_bpd(diff, raw, x0, x_t, t, clip_denoised=False)[
+    out["output/vb_terms_bpd"] = gaussian.vb_terms_bpd(diff, raw, x0, x_t, t, clip_denoised=False)[
         0
     ]
     for name in case.meta["diffusions"]:
@@ -249,13 +251,13 @@ def check_diffusion_learned(case: Case) -> dict:
         if not any(a.startswith(prefix) for a in case.output_names()):
             continue
         d = case.diffusion(name)
-        losses = diffusion.losses_from_output(d, raw, x0, x_t, t, noise)
+        losses = gaussian.losses_from_output(d, raw, x0, x_t, t, noise)
         out.update({prefix + k: v for k, v in losses.items()})
         leaf = raw.clone().requires_grad_(True)
-        total = diffusion.losses_from_output(d, leaf, x0, x_t, t, noise)["loss"].sum()
+        total = gaussian.losses_from_output(d, leaf, x0, x_t, t, noise)["loss"].sum()
         (out[f"output/grad_loss_wrt_model_output/{name}"],) = torch.autograd.grad(total, leaf)
-    out["output/prior_bpd"] = diffusion.prior_bpd(diff, x0)
-    bpd = diffusion.calc_bpd_loop(
+    out["output/prior_bpd"] = gaussian.prior_bpd(diff, x0)
+    bpd = gaussian.calc_bpd_loop(
         case.diffusion("bpd"), model_fn, case["input/bpd_x_start"], noises=case["input/bpd_noises"]
     )
     out.update({f"output/calc_bpd_loop/{k}": v for k, v in bpd.items()})
@@ -269,12 +271,12 @@ def check_diffusion_fixed(case: Case) -> dict:
     out: dict[str, torch.Tensor] = {}
     for name in case.meta["diffusions"]:
         diff, t = case.diffusion(name), case[f"input/t_{name}"]
-        x_t = diffusion.q_sample(diff, x0, t, noise)
+        x_t = gaussian.q_sample(diff, x0, t, noise)
         out[f"output/{name}/x_t"] = x_t
         out[f"output/{name}/model_timesteps"] = diff.schedule.network_timesteps(t)
         with torch.no_grad():
-            pmv = sampling.model_p_mean_variance(diff, model_fn, x_t, t)
-            losses = diffusion.training_losses(diff, model_fn, x0, t, noise=noise)
+            pmv = samplers.model_p_mean_variance(diff, model_fn, x_t, t)
+            losses = gaussian.training_losses(diff, model_fn, x0, t, noise=noise)
         out.update(_pmv(f"output/{name}/p_mean_variance", pmv))
         out.update({f"output/{name}/training_losses/{k}": v for k, v in losses.items()})
     return out
@@ -289,25 +291,25 @@ def check_samplers(case: Case) -> dict:
     eta = case.params["ddim_eta"]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        pmv = sampling.model_p_mean_variance(ddpm, model_fn, x, t_step)
+        pmv = samplers.model_p_mean_variance(ddpm, model_fn, x, t_step)
         out.update(_pmv("output/ddpm_step/p_mean_variance", pmv))
-        s, p = sampling.ddpm_step(model_fn, ddpm, x, t_step, noise=noise)
+        s, p = samplers.ddpm_step(model_fn, ddpm, x, t_step, noise=noise)
         out["output/ddpm_step/sample"], out["output/ddpm_step/pred_xstart"] = s, p
-        s, p = sampling.ddim_step(model_fn, ddim, x, t_ddim, eta=eta, noise=noise)
+        s, p = samplers.ddim_step(model_fn, ddim, x, t_ddim, eta=eta, noise=noise)
         out["output/ddim_step_eta/sample"], out["output/ddim_step_eta/pred_xstart"] = s, p
-        s, p = sampling.ddim_reverse_step(model_fn, ddim, x, t_ddim)
+        s, p = samplers.ddim_reverse_step(model_fn, ddim, x, t_ddim)
         out["output/ddim_reverse_step/sample"], out["output/ddim_reverse_step/pred_xstart"] = s, p
     loops = {
-        "ddpm_loop": sampling.ddpm_sample_progressive(
+        "ddpm_loop": samplers.ddpm_sample_progressive(
             model_fn, ddpm, init, step_noises=case["input/ddpm_loop_noises"]
         ),
-        "ddim_loop_eta0_clip": sampling.ddim_sample_progressive(model_fn, ddim, init),
-        "ddim_loop_eta0_noclip": sampling.ddim_sample_progressive(
+        "ddim_loop_eta0_clip": samplers.ddim_sample_progressive(model_fn, ddim, init),
+        "ddim_loop_eta0_noclip": samplers.ddim_sample_progressive(
             model_fn, ddim, init, clip_denoised=False
         ),
     }
     if case.has("input/ddim_loop_noises"):
-        loops["ddim_loop_eta"] = sampling.ddim_sample_progressive(
+        loops["ddim_loop_eta"] = samplers.ddim_sample_progressive(
             model_fn, ddim, init, eta=eta, step_noises=case["input/ddim_loop_noises"]
         )
     for name, steps in loops.items():
@@ -344,13 +346,13 @@ def check_guidance(case: Case) -> dict:
             case["input/x"], case["input/t_classifier"], y=y
         )
         with torch.no_grad():
-            pmv = sampling.model_p_mean_variance(
+            pmv = samplers.model_p_mean_variance(
                 ddpm, model_fn, x_step, t_step, model_kwargs=kwargs
             )
             out["output/ddpm_step/unguided_mean"] = pmv.mean
             out["output/ddpm_step/variance"] = pmv.variance
             cond_fn, seen_t, grads = recording(scale)
-            sample, _ = sampling.ddpm_step(
+            sample, _ = samplers.ddpm_step(
                 model_fn, ddpm, x_step, t_step, noise=case["input/step_noise"],
                 cond_fn=cond_fn, model_kwargs=kwargs,
             )  # fmt: skip
@@ -358,24 +360,24 @@ def check_guidance(case: Case) -> dict:
             out[f"output/ddpm_step/{s}/gradient"] = grads[0]
             out[f"output/ddpm_step/{s}/cond_fn_timesteps"] = seen_t[0]
             cond_fn, seen_t, _ = recording(scale)
-            pmv = sampling.model_p_mean_variance(
+            pmv = samplers.model_p_mean_variance(
                 ddim, model_fn, x_step, t_ddim, model_kwargs=kwargs
             )
-            guided = sampling.condition_score(ddim, cond_fn, pmv, x_step, t_ddim, kwargs)
+            guided = samplers.condition_score(ddim, cond_fn, pmv, x_step, t_ddim, kwargs)
             out[f"output/condition_score/{s}/pred_xstart"] = guided.pred_x0
             out[f"output/condition_score/{s}/mean"] = guided.mean
             out[f"output/condition_score/{s}/cond_fn_timesteps"] = seen_t[0]
     init = case["input/init_noise"]
     for scale in p["ddim_loop_scales"]:
         cond_fn, seen_t, _ = recording(scale)
-        loop = sampling.ddim_sample_progressive(
+        loop = samplers.ddim_sample_progressive(
             model_fn, ddim, init, cond_fn=cond_fn, model_kwargs=kwargs
         )
         prefix = f"output/guided_ddim_loop/{scale_name(scale)}"
         out[f"{prefix}/samples"], out[f"{prefix}/pred_xstart"] = stack_loop(loop)
         out[f"{prefix}/cond_fn_timesteps"] = torch.stack(seen_t)
     cond_fn, seen_t, _ = recording(p["ddpm_loop_scale"])
-    loop = sampling.ddpm_sample_progressive(
+    loop = samplers.ddpm_sample_progressive(
         model_fn, ddpm, init, cond_fn=cond_fn, model_kwargs=kwargs,
         step_noises=case["input/ddpm_loop_noises"],
     )  # fmt: skip

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adm import guidance, sampling
-from adm.diffusion import Diffusion, DiffusionConfig
+from adm.diffusion import guidance, samplers
+from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 
 
 def diffusion(respacing: str, var_type: str = "learned_range") -> Diffusion:
@@ -48,9 +48,9 @@ class TinyClassifier(torch.nn.Module):
 
 
 SAMPLERS = {
-    "ddpm": lambda *a, **k: sampling.ddpm_sample(*a, **k),
-    "ddim": lambda *a, **k: sampling.ddim_sample(*a, **k),
-    "dpm++2m": lambda *a, **k: sampling.dpm_solver_sample(*a, **k),
+    "ddpm": lambda *a, **k: samplers.ddpm_sample(*a, **k),
+    "ddim": lambda *a, **k: samplers.ddim_sample(*a, **k),
+    "dpm++2m": lambda *a, **k: samplers.dpm_solver_sample(*a, **k),
 }
 
 
@@ -82,8 +82,8 @@ def test_sampler_contract(name):
 def test_dpm_solver_first_order_is_ddim():
     net, diff = TinyEps(), diffusion("ddim20")
     noise = torch.randn(2, 3, 8, 8)
-    a = sampling.dpm_solver_sample(net, diff, noise, order=1)
-    b = sampling.ddim_sample(net, diff, noise)
+    a = samplers.dpm_solver_sample(net, diff, noise, order=1)
+    b = samplers.ddim_sample(net, diff, noise)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -111,8 +111,8 @@ def test_dpm_solver_and_ddim_converge_to_the_exact_ode_solution():
     dpm_err, ddim_err = [], []
     for steps in (5, 10, 20, 40):
         d = diffusion(str(steps))
-        dpm = sampling.dpm_solver_sample(model_fn, d, noise, clip_denoised=False)
-        ddim = sampling.ddim_sample(model_fn, d, noise, clip_denoised=False)
+        dpm = samplers.dpm_solver_sample(model_fn, d, noise, clip_denoised=False)
+        ddim = samplers.ddim_sample(model_fn, d, noise, clip_denoised=False)
         dpm_err.append((dpm - exact).abs().max().item())
         ddim_err.append((ddim - exact).abs().max().item())
     assert dpm_err == sorted(dpm_err, reverse=True) and ddim_err == sorted(ddim_err, reverse=True)
@@ -179,7 +179,7 @@ def test_guidance_needs_labels():
 
 def test_dynamic_threshold_rescales_outliers_only():
     x0 = torch.tensor([[0.5, -0.2, 0.1, 0.9]]).view(1, 1, 2, 2)
-    torch.testing.assert_close(sampling.dynamic_threshold(x0), x0)
+    torch.testing.assert_close(samplers.dynamic_threshold(x0), x0)
     big = x0 * 10
-    out = sampling.dynamic_threshold(big, percentile=1.0)
+    out = samplers.dynamic_threshold(big, percentile=1.0)
     assert out.abs().max().item() == pytest.approx(1.0)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adm.nn import GroupNorm32, normalization, qkv_attention, timestep_embedding, zero_module
+from adm.nets.nn import GroupNorm32, normalization, qkv_attention, timestep_embedding, zero_module
 from conftest import check_array, load_case
 
 

@@ -9,20 +9,20 @@ import json
 import pytest
 import torch
 
-from adm.classifier import ClassifierConfig, NoisyClassifier
-from adm.flags import model_and_diffusion_from_flags, parse_flag_line
-from adm.presets import (
+from adm.models.flags import model_and_diffusion_from_flags, parse_flag_line
+from adm.models.overrides import apply_overrides
+from adm.models.presets import (
     PRESETS,
     RELEASED,
     SamplingSettings,
-    apply_overrides,
     build_model,
     get_preset,
     preset_from_dict,
     preset_to_dict,
     state_dict_shapes,
 )
-from adm.unet import SuperResUNet, UNet, UNetConfig
+from adm.nets.classifier import ClassifierConfig, NoisyClassifier
+from adm.nets.unet import SuperResUNet, UNet, UNetConfig
 
 # Spec section 4: counts and key counts from instantiating the original's README flag sets.
 RELEASED_COUNTS = {

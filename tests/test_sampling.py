@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adm import sampling
-from adm.diffusion import Diffusion, DiffusionConfig
+from adm.diffusion import samplers
+from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 
 BASE = DiffusionConfig(steps=1000, noise_schedule="linear", var_type="learned_range")
 
@@ -31,7 +31,7 @@ def oracle_eps(x0: torch.Tensor):
 
 def test_ddim_with_oracle_eps_recovers_x0():
     x0 = torch.rand(2, 3, 8, 8) * 1.8 - 0.9
-    out = sampling.ddim_sample(oracle_eps(x0), diffusion("ddim20"), torch.randn(2, 3, 8, 8))
+    out = samplers.ddim_sample(oracle_eps(x0), diffusion("ddim20"), torch.randn(2, 3, 8, 8))
     torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
 
 
@@ -42,7 +42,7 @@ def test_network_receives_original_timesteps():
         seen.append(t.tolist())
         return torch.zeros(x.shape[0], 6, *x.shape[2:])
 
-    sampling.ddpm_sample(model_fn, diffusion("10"), torch.randn(1, 3, 4, 4))
+    samplers.ddpm_sample(model_fn, diffusion("10"), torch.randn(1, 3, 4, 4))
     assert [s[0] for s in seen] == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
 
 
@@ -56,8 +56,8 @@ def test_reverse_then_forward_ddim_is_identity_at_eta_zero():
 
     diff = diffusion("ddim10")
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
-    latent = sampling.ddim_reverse_sample(model_fn, diff, x0, clip_denoised=False)
-    steps = sampling.ddim_sample_progressive(model_fn, diff, latent, clip_denoised=False)
+    latent = samplers.ddim_reverse_sample(model_fn, diff, x0, clip_denoised=False)
+    steps = samplers.ddim_sample_progressive(model_fn, diff, latent, clip_denoised=False)
     back = next(s.sample for s in steps if s.t == 1)  # the sample at the level of t = 0
     torch.testing.assert_close(back, x0, rtol=1e-4, atol=1e-4)
 
@@ -80,9 +80,9 @@ def test_contract_shapes_determinism_and_per_sample_generators(sampler):
         gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in batch_indices]
         noise = torch.stack([torch.randn(3, 8, 8, generator=g) for g in gens])
         if sampler == "ddpm":
-            return sampling.ddpm_sample(model_fn, diff, noise, generator=gens)
+            return samplers.ddpm_sample(model_fn, diff, noise, generator=gens)
         eta = 0.0 if sampler == "ddim_eta0" else 1.0
-        return sampling.ddim_sample(model_fn, diff, noise, eta=eta, generator=gens)
+        return samplers.ddim_sample(model_fn, diff, noise, eta=eta, generator=gens)
 
     full = run(range(4))
     assert full.shape == (4, 3, 8, 8) and torch.isfinite(full).all()
@@ -93,7 +93,7 @@ def test_contract_shapes_determinism_and_per_sample_generators(sampler):
     assert not torch.allclose(run(range(4), seed=1), full)
 
 
-@pytest.mark.parametrize("sampler", [sampling.ddpm_sample, sampling.ddim_sample])
+@pytest.mark.parametrize("sampler", [samplers.ddpm_sample, samplers.ddim_sample])
 def test_guidance_with_zero_gradient_equals_no_guidance(sampler):
     model_fn, diff = small_model_fn(), diffusion("8")
     noise = torch.randn(2, 3, 8, 8)
@@ -110,7 +110,7 @@ def test_guidance_with_zero_gradient_equals_no_guidance(sampler):
 
 def test_progressive_yields_every_step_in_order():
     steps = list(
-        sampling.ddim_sample_progressive(
+        samplers.ddim_sample_progressive(
             small_model_fn(), diffusion("ddim5"), torch.randn(1, 3, 4, 4)
         )
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adm.schedule import NoiseSchedule, named_betas, space_timesteps
+from adm.diffusion.schedule import NoiseSchedule, named_betas, space_timesteps
 
 
 def test_linear_schedule_is_hos_at_1000_and_scaled_elsewhere():

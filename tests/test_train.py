@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from adm import checkpoint, train_state
-from adm import train as trainlib
-from adm.presets import apply_overrides, build_model, get_preset
-from adm.resample import LossSecondMomentSampler, UniformSampler, create_sampler
+from adm.diffusion.resample import LossSecondMomentSampler, UniformSampler, create_sampler
+from adm.models import checkpoint
+from adm.models.overrides import apply_overrides
+from adm.models.presets import build_model, get_preset
+from adm.training import loop as trainlib
+from adm.training import state as train_state
 
 SMALL_UNET = ["unet.image_size=16", "unet.channel_mult=1,2", "unet.attention_ds=2"]
 SMALL_CLASSIFIER = [s.replace("unet.", "classifier.") for s in SMALL_UNET]
@@ -194,7 +196,7 @@ def test_superres_training_runs_with_class_labels(images: Path, tmp_path: Path) 
 
 
 def test_non_finite_loss_is_skipped_then_stops(images: Path, tmp_path: Path, monkeypatch) -> None:
-    from adm import train_step
+    from adm.training import step as train_step
 
     real = train_step.training_losses
     bad_steps: set[int] = {1}
@@ -252,7 +254,7 @@ def test_fine_tuning_starts_from_the_checkpoint(images: Path, tmp_path: Path) ->
 
 
 def test_label_dropout_replaces_labels_at_the_given_rate(images: Path, tmp_path, monkeypatch):
-    from adm import train_step
+    from adm.training import step as train_step
 
     seen: list[torch.Tensor] = []
     real = train_step.training_losses

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adm.cli import main
+from adm.cli.main import main
 
 SMALL = ["--set", "unet.image_size=16", "--set", "unet.channel_mult=1,2",
          "--set", "unet.attention_ds=2", "--set", "diffusion.steps=100"]  # fmt: skip

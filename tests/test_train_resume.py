@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adm import checkpoint, train_state
+from adm.models import checkpoint
+from adm.training import state as train_state
 
 STEPS = 6
 ARGS = [
@@ -31,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _adm(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "adm.cli", "train", *ARGS, *extra]
+    return [sys.executable, "-m", "adm.cli.main", "train", *ARGS, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ class Background:
         launcher = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
             "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "adm.cli", "train",
+            "--master_port", str(_free_port()), "-m", "adm.cli.main", "train",
         ]  # fmt: skip
         self.procs = {
             "reference": _start(_adm("--data", str(images), "--out", str(self.reference))),

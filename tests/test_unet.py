@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adm import flags
-from adm.unet import SuperResUNet, UNet, UNetConfig, upsample_low_res
+from adm.models import flags
+from adm.nets.unet import SuperResUNet, UNet, UNetConfig, upsample_low_res
 from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
 UNET_CASES = golden_cases(

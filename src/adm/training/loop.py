@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from adm import data as datalib
-from adm import dist
-from adm.diffusion import Diffusion, q_sample
-from adm.sampling import ddim_sample
-from adm.train_log import CSVLog, open_tensorboard, plot_curves, save_grid
-from adm.train_setup import DataSpec, RunSetup, TrainConfig, load_class_map, prepare
-from adm.train_step import Trainer, TrainingError, amp_dtype
+from adm._util import dist
+from adm.data import datasets as datalib
+from adm.diffusion.gaussian import Diffusion, q_sample
+from adm.diffusion.samplers import ddim_sample
+from adm.training.log import CSVLog, open_tensorboard, plot_curves, save_grid
+from adm.training.setup import DataSpec, RunSetup, TrainConfig, load_class_map, prepare
+from adm.training.step import Trainer, TrainingError, amp_dtype
 
 __all__ = [
     "DataSpec",

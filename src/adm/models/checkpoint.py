@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adm.atomic import atomic_path
-from adm.presets import (
+from adm._util.atomic import atomic_path
+from adm.models.presets import (
     PRESETS,
     Preset,
     build_model,
@@ -35,14 +35,15 @@ __all__ = [
     "convert",
     "default_cache_dir",
     "detect_preset",
-    "fetch",
     "load_model",
     "load_state_dict",
     "read_preset",
     "resolve_checkpoint",
     "save_model",
+    "verify_file",
 ]
 
+BUNDLED_DIR = Path(__file__).parent / "weights"  # the demo's self-trained models, in the package
 METADATA_KEY = "adm_preset"  # safetensors metadata entry holding `preset_to_dict` as JSON
 StateDict = dict[str, Tensor]
 
@@ -72,7 +73,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         try:
             return dict(load_file(path))
         except Exception as err:
-            raise CheckpointError(f"{path}: damaged safetensors file ({_short(err)})") from None
+            raise CheckpointError(
+                f"{path}: damaged safetensors file ({short_reason(err)})"
+            ) from None
     if kind not in ("torch zip", "torch legacy"):
         raise CheckpointError(f"{path}: not a checkpoint: it seems to be {kind}")
     try:
@@ -89,15 +92,10 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         ) from None
     except Exception as err:
         raise CheckpointError(
-            f"{path}: damaged or truncated PyTorch file ({_short(err)}); if it was downloaded, "
-            "download it again"
+            f"{path}: damaged or truncated PyTorch file ({short_reason(err)}); if it was "
+            "downloaded, download it again"
         ) from None
     return _as_state_dict(obj, path)
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
 def sniff(path: Path) -> str:
@@ -185,7 +183,7 @@ def read_preset(path: str | os.PathLike) -> Preset | None:
         with safe_open(path, "pt") as f:
             text = (f.metadata() or {}).get(METADATA_KEY)
     except Exception as err:
-        raise CheckpointError(f"{path}: damaged safetensors file ({_short(err)})") from None
+        raise CheckpointError(f"{path}: damaged safetensors file ({short_reason(err)})") from None
     if text is None:
         return None
     try:
@@ -289,7 +287,7 @@ def resolve_checkpoint(
     if preset.url is None:
         raise CheckpointError(
             f"{preset.name} has no released weights (a tiny preset): build it with "
-            "adm.presets.build_model, or pass a checkpoint file you trained"
+            "adm.models.presets.build_model, or pass a checkpoint file you trained"
         )
     raise CheckpointError(
         f"{preset.name} is not downloaded: run `adm fetch {preset.name}`, or put the file from "
@@ -399,54 +397,8 @@ def convert(
     return preset
 
 
-# ---- downloading released checkpoints ------------------------------------------------------------
-
-_CHUNK = 1 << 20
-
-
-def fetch(
-    name: str,
-    cache_dir: str | os.PathLike | None = None,
-    url: str | None = None,
-    *,
-    progress: bool = True,
-    timeout: float = 60.0,
-) -> Path:
-    """Download a released checkpoint into the cache folder and return its path.
-
-    Resumes a partial `NAME.pt.part` with an HTTP Range request, checks the length, checks that
-    the file loads as a state dict with the preset's keys and shapes, then renames it atomically to
-    `NAME.pt`. An existing verified file is returned at once.
-    """
-    preset = get_preset(name)
-    url = url or preset.url
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    dest = folder / f"{preset.name}.pt"
-    if dest.is_file():
-        try:
-            _verify(dest, preset)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err}; delete {dest} and fetch it again") from None
-        return dest
-    if url is None:
-        raise CheckpointError(f"{preset.name} has no released weights to download (a tiny preset)")
-    folder.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    _download(url, part, dest, preset.name, progress=progress, timeout=timeout)
-    try:
-        _verify(part, preset)
-    except CheckpointError as err:
-        part.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"the file downloaded from {url} is not {preset.name} and was deleted: {err}"
-        ) from None
-    with open(part, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dest)
-    return dest
-
-
-def _verify(path: Path, preset: Preset) -> None:
+def verify_file(path: Path, preset: Preset) -> None:
+    """Raise `CheckpointError` unless `path` holds `preset`'s keys and shapes."""
     diffs = _differences(
         _shapes(load_state_dict(path)), state_dict_shapes(preset.network, preset.kind)
     )
@@ -456,68 +408,7 @@ def _verify(path: Path, preset: Preset) -> None:
         )
 
 
-def _download(
-    url: str, part: Path, dest: Path, label: str, *, progress: bool, timeout: float
-) -> None:
-    """Download `url` into `part`, resuming from its current size when the server allows."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
-    offset = part.stat().st_size if part.is_file() else 0
-    headers = {"User-Agent": "adm", **({"Range": f"bytes={offset}-"} if offset else {})}
-    try:
-        response = urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=timeout
-        )
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:  # nothing left to fetch, or a stale partial file
-            total = _total_from_range(err.headers.get("Content-Range"))
-            if total == offset:
-                return
-            part.unlink()
-            return _download(url, part, dest, label, progress=progress, timeout=timeout)
-        raise CheckpointError(f"downloading {url} failed: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise CheckpointError(
-            f"cannot download {url} ({reason}). On a machine without internet access, download "
-            f"that URL elsewhere and put the file at {dest} (the cache folder is $ADM_CACHE_DIR "
-            "or ~/.cache/adm; `adm fetch --cache-dir` picks another)"
-        ) from None
-    with response:
-        if response.status == 206:
-            total = _total_from_range(response.headers.get("Content-Range"))
-            mode = "ab"
-        else:  # a full response (no range support, or a fresh download)
-            offset, mode = 0, "wb"
-            length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else None
-        bar = tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=label, disable=not progress,
-        )  # fmt: skip
-        try:
-            with bar, open(part, mode) as f:
-                while chunk := response.read(_CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        except (OSError, http.client.HTTPException) as err:
-            raise CheckpointError(
-                f"download of {url} interrupted after {part.stat().st_size:,} bytes "
-                f"({_short(err)}); run the same command again to resume from {part}"
-            ) from None
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise CheckpointError(
-            f"download of {url} incomplete: {size:,} of {total:,} bytes; run the same command "
-            f"again to resume from {part}"
-        )
-
-
-def _total_from_range(content_range: str | None) -> int | None:
-    """Total size from a `Content-Range: bytes a-b/total` header."""
-    match = re.search(r"/(\d+)\s*$", content_range or "")
-    return int(match.group(1)) if match else None
+def short_reason(err: BaseException) -> str:
+    """One line naming an exception, for messages that must stay short."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adm import __version__, cli_models, cli_sample
-from adm.atomic import atomic_path
-from adm.errors import UserError
+from adm import __version__
+from adm._util.atomic import atomic_path
+from adm._util.errors import UserError
+from adm.cli import models as cli_models
+from adm.cli import sample as cli_sample
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -69,8 +71,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from adm import demo
-    from adm.data import DataError
+    from adm.cli import demo
+    from adm.data.datasets import DataError
 
     if args.per_class < 2:
         raise UserError("--per-class must be at least 2")
@@ -114,7 +116,7 @@ def _cmd_flags(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from adm import flags
+    from adm.models import flags
 
     try:
         parsed = flags.parse_flag_line(args.original_flags)
@@ -199,7 +201,7 @@ def _add_inception_options(p: argparse.ArgumentParser) -> None:
 def _inception_from_args(args: argparse.Namespace):
     import torch
 
-    from adm import evaluate, inception
+    from adm.evaluation import evaluate, inception
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
@@ -227,7 +229,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from adm import batches, evaluate
+    from adm.evaluation import batches, evaluate
 
     try:
         evaluate.check_eval_inputs(args.ref_batch, args.sample_batch)
@@ -263,7 +265,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from adm import batches, evaluate
+    from adm.evaluation import batches, evaluate
 
     if args.num_images < 0:
         raise UserError(f"--num-images must be >= 0, got {args.num_images}")
@@ -287,8 +289,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _add_train_command(sub: argparse._SubParsersAction) -> None:
-    """`adm train`, `adm train-classifier`, `adm train-superres` (options in `adm.cli_train`)."""
-    from adm import cli_train
+    """`adm train`, `adm train-classifier`, `adm train-superres` (options in `adm.cli.train`)."""
+    from adm.cli import train as cli_train
 
     cli_train.add_commands(sub)
 

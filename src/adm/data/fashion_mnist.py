@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adm.atomic import atomic_path
-from adm.data import DataError, read_idx
+from adm._util.atomic import atomic_path
+from adm.data.datasets import DataError, read_idx
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -5,7 +5,7 @@ classifier (Algorithm 2, DDIM-25 with η = 1 by default) at guidance scales 0, 1
 DPM-Solver++(2M) at 10 steps. A separate "judge" classifier trained on clean images stands in for
 the Inception network: its accuracy on the requested class measures fidelity to the class, and
 FID / precision / recall in its feature space against the test set measure quality and
-diversity. Weights ship with the package (`adm/weights/`); `--retrain` trains all three with
+diversity. Weights ship with the package (`adm/models/weights/`); `--retrain` trains all three with
 adm's own training code first.
 """
 
@@ -21,12 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adm import checkpoint, fashion_mnist, guidance, metrics, sampling
-from adm.atomic import atomic_path
-from adm.diffusion import Diffusion, draw_noise
-from adm.generate import sample_generator, save_grid, to_uint8
+from adm._util.atomic import atomic_path
+from adm.data import fashion_mnist
+from adm.diffusion import guidance, samplers
+from adm.diffusion.gaussian import Diffusion, draw_noise
+from adm.evaluation import metrics
+from adm.generate.sample import sample_generator, save_grid, to_uint8
+from adm.models import checkpoint
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = checkpoint.BUNDLED_DIR
 MODELS = ("fmnist_diffusion", "fmnist_classifier", "fmnist_judge")
 
 
@@ -103,11 +106,11 @@ def _sample(
     kwargs = {"cond_fn": cond_fn, "model_kwargs": {"y": labels}}
     if solver == "ddim":
         # the per-sample generators go on to draw each sample's step noise (η > 0)
-        images = sampling.ddim_sample(
+        images = samplers.ddim_sample(
             model_fn, diff, noise, eta=settings.eta, generator=gens, **kwargs
         )
     else:
-        images = sampling.dpm_solver_sample(model_fn, diff, noise, **kwargs)
+        images = samplers.dpm_solver_sample(model_fn, diff, noise, **kwargs)
     return to_uint8(images)[..., 0]
 
 
@@ -349,7 +352,7 @@ def _last_model(run_dir: Path) -> str:
 
 def _last_checkpoint(run_dir: Path, which: str) -> Path:
     """The raw model ("model") or an EMA ("ema_<rate>") of the run's last saved step."""
-    from adm import train_state
+    from adm.training import state as train_state
 
     step = train_state.latest_step(run_dir)
     if which == "model":
@@ -390,7 +393,7 @@ def retrain(
             name, _, export = TRAINING[index]
             cmd = training_command(index, folder, work_dir, resolve=_last_model)
             flags = [] if progress and shown else ["--no-progress"]
-            cmd = [sys.executable, "-m", "adm.cli", *cmd[1:], *flags]
+            cmd = [sys.executable, "-m", "adm.cli.main", *cmd[1:], *flags]
             log = None if shown else work_dir / f"{name}.log"
             where = "" if log is None else f" (output: {log})"
             print(f"adm demo --retrain: adm {' '.join(cmd[3:])}{where}", file=sys.stderr)

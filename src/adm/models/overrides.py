@@ -11,10 +11,10 @@ import dataclasses
 import difflib
 import types
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from adm.diffusion import DiffusionConfig
-from adm.flags import (
+from adm.diffusion.gaussian import DiffusionConfig
+from adm.models.flags import (
     CHANNEL_MULT_BY_SIZE,
     attention_ds,
     diffusion_from_flags,
@@ -22,9 +22,7 @@ from adm.flags import (
     parse_flag_line,
     parse_number,
 )
-
-if TYPE_CHECKING:
-    from adm.presets import Preset
+from adm.models.presets import Preset
 
 __all__ = ["apply_overrides"]
 

@@ -2,8 +2,9 @@
 
 Resolves the preset (a name, a checkpoint to fine-tune, or the original's model flags), the
 `--set` overrides and the original training scripts' flags (`--lr_anneal_steps`, `--ema_rate`,
-`--batch_size` per rank, ...), then makes one call: `adm.train.prepare` and `adm.train.train`.
-Registered by `adm.cli`; run under `torchrun --nproc_per_node N` for several processes.
+`--batch_size` per rank, ...), then makes one call: `adm.training.loop.prepare` and
+`adm.training.loop.train`.
+Registered by `adm.cli.main`; run under `torchrun --nproc_per_node N` for several processes.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import json
 import os
 import sys
 
-from adm.errors import UserError
+from adm._util.errors import UserError
 
 EXAMPLES = """examples:
   adm train --preset tiny_diffusion --data images/ --out runs/tiny --steps 2000 --fit-classes
   adm train --data imagenet/train --out runs/64 --preset 64x64_diffusion --steps 540000 \\
       --batch-size 2048 --lr 3e-4 --ema-rate 0.9999 --precision bf16
-  torchrun --nproc_per_node 8 -m adm.cli train --preset 256x256_diffusion_uncond \\
+  torchrun --nproc_per_node 8 -m adm.cli.main train --preset 256x256_diffusion_uncond \\
       --init-from 256x256_diffusion_uncond --data faces/ --out runs/ft --steps 20000 --lr 1e-5
   adm train --data_dir images/ --out runs/orig --steps 1000 \\
       --image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True   (original flags)
@@ -113,7 +114,7 @@ def _options(p: argparse.ArgumentParser, kind: str) -> None:
 
 def _split_original(tokens: list[str]) -> tuple[dict[str, str], list[str]]:
     """(the original scripts' own flags, the model/diffusion flags) of a pasted flag line."""
-    from adm.flags import flag_pairs
+    from adm.models.flags import flag_pairs
 
     try:
         pairs = flag_pairs(tokens)
@@ -174,8 +175,8 @@ def _apply_script_flags(args: argparse.Namespace, f: dict[str, str], notes: list
 
 def _preset_from_flags(kind: str, tokens: list[str]):
     """A preset from the original's model flags alone (its defaults for everything else)."""
-    from adm import flags
-    from adm.presets import Preset, SamplingSettings
+    from adm.models import flags
+    from adm.models.presets import Preset, SamplingSettings
 
     parsed = flags.parse_flag_line(tokens)
     diffusion = flags.diffusion_from_flags(parsed)
@@ -192,8 +193,9 @@ def _preset_from_flags(kind: str, tokens: list[str]):
 
 def _resolve_preset(args: argparse.Namespace, kind: str, model_tokens: list[str]):
     """(preset, class names of the checkpoint's run or None)."""
-    from adm import checkpoint, presets
-    from adm.train import load_class_map
+    from adm.models import checkpoint, presets
+    from adm.models.overrides import apply_overrides
+    from adm.training.loop import load_class_map
 
     overrides = [*([" ".join(model_tokens)] if model_tokens else []), *args.set]
     classes = None
@@ -209,18 +211,18 @@ def _resolve_preset(args: argparse.Namespace, kind: str, model_tokens: list[str]
     elif args.preset:
         base = presets.get_preset(args.preset)
     elif model_tokens:
-        return presets.apply_overrides(_preset_from_flags(kind, model_tokens), args.set), None
+        return apply_overrides(_preset_from_flags(kind, model_tokens), args.set), None
     else:
         raise UserError("pass --preset NAME, --init-from CHECKPOINT or the original's model flags")
     if base.kind != kind:
         command = {v: k for k, v in KINDS.items()}[base.kind]
         raise UserError(f"{base.name} is a {base.kind} preset: use `adm {command}`")
-    return (presets.apply_overrides(base, overrides) if overrides else base), classes
+    return (apply_overrides(base, overrides) if overrides else base), classes
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from adm import data as datalib
-    from adm import train as trainlib
+    from adm.data import datasets as datalib
+    from adm.training import loop as trainlib
 
     kind, notes = args.train_kind, []
     script_flags, model_tokens = _split_original(list(args.original_flags))
@@ -276,7 +278,7 @@ def _read_class_names(path: str) -> tuple[str, ...]:
 
 
 def _train_config(args: argparse.Namespace, kind: str):
-    from adm.train import TrainConfig
+    from adm.training.loop import TrainConfig
 
     classifier = kind == "classifier"
     if args.ema_rate is None:

@@ -1,8 +1,9 @@
 """`adm sample`, `adm upsample`, `adm nll`: argument parsing and checks for the sampling commands.
 
 Resolves the model (checkpoint with its preset auto-detected, or a preset), the classifier and the
-settings, checks every input before any sampling starts, then makes one call into `adm.generate`
-(or `adm.diffusion.calc_bpd_loop` for `nll`). Registered by `adm.cli`.
+settings, checks every input before any sampling starts, then makes one call into
+`adm.generate.sample` (or `adm.diffusion.gaussian.calc_bpd_loop` for `nll`). Registered by
+`adm.cli.main`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adm.errors import UserError
+from adm._util.errors import UserError
 
 SAMPLE_EXAMPLES = """examples:
   adm sample --checkpoint 256x256_diffusion.pt --classifier 256x256_classifier.pt \\
@@ -25,7 +26,7 @@ SAMPLE_EXAMPLES = """examples:
   adm sample --checkpoint 128x128_diffusion --classifier 128x128_classifier \\
       --classifier-scale 1.0 --sampler ddim --steps ddim25 --precision bf16
   adm sample --preset tiny_diffusion --sampler dpm++2m --steps 10 --classes 1,2,3
-  torchrun --nproc_per_node 8 -m adm.cli sample --checkpoint 64x64_diffusion.pt ...
+  torchrun --nproc_per_node 8 -m adm.cli.main sample --checkpoint 64x64_diffusion.pt ...
 """
 
 
@@ -110,14 +111,15 @@ def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) 
 
 def _load(args: argparse.Namespace, device: torch.device):
     """(model, preset) from --checkpoint or --preset, with --set / original flags applied."""
-    from adm import checkpoint, presets
+    from adm.models import checkpoint, presets
+    from adm.models.overrides import apply_overrides
 
     overrides = [*args.set, *args.original_flags]
     try:
         if args.preset:
             preset = presets.get_preset(args.preset)
             if overrides:
-                preset = presets.apply_overrides(preset, overrides)
+                preset = apply_overrides(preset, overrides)
             torch.manual_seed(0)
             model = presets.build_model(preset).to(device).eval()
             print(
@@ -127,14 +129,14 @@ def _load(args: argparse.Namespace, device: torch.device):
         preset = None
         if overrides:
             found = checkpoint.load_model(args.checkpoint, device="meta")[1]
-            preset = presets.apply_overrides(found, overrides)
+            preset = apply_overrides(found, overrides)
         return checkpoint.load_model(args.checkpoint, device=device, preset=preset)
     except (ValueError, OSError) as err:
         raise UserError(str(err)) from None
 
 
 def _device(name: str | None) -> torch.device:
-    from adm.dist import pick_device
+    from adm._util.dist import pick_device
 
     try:  # under torchrun each process takes its own GPU (LOCAL_RANK)
         device = pick_device(name, int(os.environ.get("LOCAL_RANK", "0")))
@@ -146,14 +148,14 @@ def _device(name: str | None) -> torch.device:
 
 
 def _job(args, preset, device, classes=None, classifier_scale=0.0, cfg=None):
-    from adm.generate import SampleJob
+    from adm.generate.sample import SampleJob
 
     s = preset.sampling
     sampler = args.sampler or s.sampler
     steps = args.steps or (s.steps if sampler != "dpm++2m" else "25")
     precision = args.precision or (s.precision if device.type == "cuda" else "fp32")
     try:
-        from adm.schedule import space_timesteps
+        from adm.diffusion.schedule import space_timesteps
 
         space_timesteps(preset.diffusion.steps, steps)
         return SampleJob(
@@ -180,8 +182,8 @@ def _parse_classes(text: str) -> tuple[int, ...] | None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from adm import checkpoint
-    from adm.generate import Run
+    from adm.generate.sample import Run
+    from adm.models import checkpoint
 
     device = _device(args.device)
     model, preset = _load(args, device)
@@ -233,7 +235,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _run(run, args: argparse.Namespace) -> int:
-    from adm.generate import run_sampling
+    from adm.generate.sample import run_sampling
 
     try:
         paths = run_sampling(run, resume=args.resume, progress=not args.no_progress)
@@ -245,7 +247,7 @@ def _run(run, args: argparse.Namespace) -> int:
 
 
 def _cmd_upsample(args: argparse.Namespace) -> int:
-    from adm.generate import Run
+    from adm.generate.sample import Run
 
     device = _device(args.device)
     model, preset = _load(args, device)
@@ -302,7 +304,7 @@ def _read_images(path: str, flag: str) -> dict[str, np.ndarray]:
 def _cmd_nll(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from adm.diffusion import Diffusion, calc_bpd_loop
+    from adm.diffusion.gaussian import Diffusion, calc_bpd_loop
 
     device = _device(args.device)
     model, preset = _load(args, device)

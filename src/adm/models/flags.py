@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from adm.classifier import ClassifierConfig, NoisyClassifier
-from adm.diffusion import DiffusionConfig
-from adm.unet import SuperResUNet, UNet, UNetConfig
+from adm.diffusion.gaussian import DiffusionConfig
+from adm.nets.classifier import ClassifierConfig, NoisyClassifier
+from adm.nets.unet import SuperResUNet, UNet, UNetConfig
 
 # `model_and_diffusion_defaults()` + `classifier_defaults()` + super-res sizes of the original CLI.
 DIFFUSION_DEFAULTS: dict[str, Any] = {

@@ -1,10 +1,10 @@
 """What a training run keeps on disk, and how it comes back after a kill.
 
-A checkpoint at step s is `model_{s:06d}.safetensors`, one `ema_{rate}_{s:06d}.safetensors` per
-EMA rate (both with the resolved config embedded, via `adm.checkpoint`) and `state_{s:06d}.pt`:
+A checkpoint at step s is `model_{s:06d}.safetensors`, one `ema_{rate}_{s:06d}.safetensors` per EMA
+rate (both with the resolved config embedded, via `adm.models.checkpoint`) and `state_{s:06d}.pt`:
 optimizer, grad scaler, timestep-sampler history, every rank's RNG states, the data position and
-counters. Every file is written to a temporary name and renamed; the state file is written last,
-so a checkpoint exists exactly when its state file does. The last `keep` checkpoints are kept.
+counters. Every file is written to a temporary name and renamed; the state file is written last, so
+a checkpoint exists exactly when its state file does. The last `keep` checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adm.atomic import atomic_write
+from adm._util.atomic import atomic_write
 
 STATE_FORMAT = "adm-train-state-1"
 _STATE_RE = re.compile(r"^state_(\d+)\.pt$")

@@ -1,7 +1,8 @@
 """`adm presets`, `adm info`, `adm convert`, `adm fetch`: the released models and checkpoint files.
 
-Argument parsing and printing only; the work is done by `adm.presets` and `adm.checkpoint`.
-Registered by `adm.cli`.
+Argument parsing and printing only; the work is done by `adm.models.presets`,
+`adm.models.checkpoint` and `adm.models.fetch`.
+Registered by `adm.cli.main`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from adm.errors import UserError
+from adm._util.errors import UserError
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def _add_presets_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from adm.presets import PRESETS, preset_to_dict
+    from adm.models.presets import PRESETS, preset_to_dict
 
     if args.json:
         out = {
@@ -85,7 +86,8 @@ def _add_info_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from adm import checkpoint, presets
+    from adm.models import checkpoint, presets
+    from adm.models.overrides import apply_overrides
 
     path = Path(args.target)
     file_info: dict[str, object] = {}
@@ -115,7 +117,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             params = None
         overrides = [*args.set, *args.original_flags]
         if overrides:
-            preset = presets.apply_overrides(preset, overrides)
+            preset = apply_overrides(preset, overrides)
             file_info["overrides"] = " ".join(overrides)
         if params is None:
             params = preset.num_parameters
@@ -165,7 +167,7 @@ def _add_convert_command(sub: argparse._SubParsersAction) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from adm import checkpoint
+    from adm.models import checkpoint
 
     src, dst = Path(args.src), Path(args.dst)
     if dst.suffix not in (".pt", ".safetensors"):
@@ -199,15 +201,15 @@ def _add_fetch_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from adm import checkpoint
-    from adm.presets import RELEASED
+    from adm.models.fetch import fetch
+    from adm.models.presets import RELEASED
 
     names = list(RELEASED) if args.names == ["all"] else args.names
     if args.url and len(names) != 1:
         raise UserError("--url needs exactly one NAME")
     for name in names:
         try:
-            path = checkpoint.fetch(
+            path = fetch(
                 name, cache_dir=args.cache_dir, url=args.url, progress=not args.no_progress
             )
         except (ValueError, OSError) as err:

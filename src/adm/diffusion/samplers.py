@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from adm.diffusion import (
+from adm.diffusion.gaussian import (
     Diffusion,
     Generators,
     ModelFn,

@@ -3,7 +3,7 @@
 `prepare(preset, data, run_dir, config)` lists the data (all ranks list it identically), checks
 labels against the network (class-conditional UNets, classifiers, the classifier-free null
 label), optionally fits the network's class count to the data, and returns a `RunSetup` that
-`--dry-run` prints and `adm.train.train` runs.
+`--dry-run` prints and `adm.training.loop.train` runs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from adm import data as datalib
-from adm.presets import Preset, preset_to_dict
-from adm.resample import SamplerName
-from adm.schedule import space_timesteps
+from adm.data import datasets as datalib
+from adm.diffusion.resample import SamplerName
+from adm.diffusion.schedule import space_timesteps
+from adm.models.presets import Preset, preset_to_dict
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -1,9 +1,9 @@
 """`adm eval` and `adm stats`: Inception features of `.npz` batches -> IS, FID, sFID, P, R.
 
-The pipeline of guided-diffusion `evaluations/evaluator.py` (Dhariwal & Nichol 2021, Sec. 4 and
-App. B): reference and sample batches through the 2015 Inception graph (`adm.inception`), the
-metrics of `adm.metrics`, reference statistics taken from the file when it stores them. Features
-of a batch are cached next to it, keyed by the file's and the weights' SHA-256.
+The pipeline of guided-diffusion `evaluations/evaluator.py` (Dhariwal & Nichol 2021, Sec. 4 and App.
+B): reference and sample batches through the 2015 Inception graph (`adm.evaluation.inception`), the
+metrics of `adm.evaluation.metrics`, reference statistics taken from the file when it stores them.
+Features of a batch are cached next to it, keyed by the file's and the weights' SHA-256.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from adm.atomic import atomic_path
-from adm.batches import (
+from adm._util.atomic import atomic_path
+from adm.evaluation.batches import (
     BatchError,
     ImageSource,
     NpzWriter,
@@ -30,8 +30,8 @@ from adm.batches import (
     open_npz_batch,
     read_reference_stats,
 )
-from adm.inception import InceptionV3, sha256_file
-from adm.metrics import (
+from adm.evaluation.inception import InceptionV3, sha256_file
+from adm.evaluation.metrics import (
     DistanceMode,
     GaussianStats,
     StatsAccumulator,

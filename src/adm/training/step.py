@@ -2,7 +2,7 @@
 
 `Trainer` holds the model (DDP-wrapped under torchrun), AdamW, the EMAs, the torch.amp grad
 scaler and the timestep sampler; it restores them from a run folder and saves them (see
-`adm.train_state`). A step (the original `TrainLoop.run_step` / `classifier_train.py`): draw the
+`adm.training.state`). A step (the original `TrainLoop.run_step` / `classifier_train.py`): draw the
 step's randomness for the GLOBAL batch from generators seeded by (seed, step) and slice this
 rank's share, so results do not depend on the number of processes and a resumed run continues
 exactly (bitwise on CPU); micro-batches (DDP `no_sync` but the last), gradients averaged; the
@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from adm import checkpoint, dist
-from adm import data as datalib
-from adm import train_state as ts
-from adm.diffusion import Diffusion, q_sample, training_losses
-from adm.presets import build_model, preset_to_dict
-from adm.resample import create_sampler
-from adm.train_log import MetricMeter
-from adm.train_setup import RunSetup
+from adm._util import dist
+from adm.data import datasets as datalib
+from adm.diffusion.gaussian import Diffusion, q_sample, training_losses
+from adm.diffusion.resample import create_sampler
+from adm.models import checkpoint
+from adm.models.presets import build_model, preset_to_dict
+from adm.training import state as ts
+from adm.training.log import MetricMeter
+from adm.training.setup import RunSetup
 
 __all__ = ["Trainer", "TrainingError", "amp_dtype"]
 

@@ -2,7 +2,8 @@
 
 A `Preset` bundles the network config, the diffusion config, the README's sampling recipe and the
 paper's FID. The released configs are written once, as the README's flag lines, and translated by
-`adm.flags`; `apply_overrides` changes any field (`unet.dropout=0.0`) or pastes flag lines on top.
+`adm.models.flags`; `adm.models.overrides.apply_overrides` changes any field (`unet.dropout=0.0`)
+or pastes flag lines on top.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from adm.classifier import ClassifierConfig, NoisyClassifier
-from adm.diffusion import DiffusionConfig
-from adm.flags import (
+from adm._util.runtime import Precision
+from adm.diffusion.gaussian import DiffusionConfig
+from adm.diffusion.schedule import space_timesteps
+from adm.models.flags import (
     classifier_from_flags,
     diffusion_from_flags,
     parse_flag_line,
     superres_from_flags,
     unet_from_flags,
 )
-from adm.overrides import apply_overrides
-from adm.runtime import Precision
-from adm.schedule import space_timesteps
-from adm.unet import SuperResUNet, UNet, UNetConfig
+from adm.nets.classifier import ClassifierConfig, NoisyClassifier
+from adm.nets.unet import SuperResUNet, UNet, UNetConfig
 
 __all__ = [
     "PRESETS",
@@ -41,7 +41,6 @@ __all__ = [
     "Preset",
     "Sampler",
     "SamplingSettings",
-    "apply_overrides",
     "build_model",
     "get_preset",
     "num_parameters",

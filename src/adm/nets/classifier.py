@@ -13,8 +13,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from adm.nn import normalization, qkv_attention, timestep_embedding, zero_module
-from adm.unet import build_encoder, freeze_sequences, time_embed_mlp, validate_encoder_config
+from adm.nets.nn import normalization, qkv_attention, timestep_embedding, zero_module
+from adm.nets.unet import build_encoder, freeze_sequences, time_embed_mlp, validate_encoder_config
 
 __all__ = ["AttentionPool2d", "ClassifierConfig", "NoisyClassifier", "Pool"]
 

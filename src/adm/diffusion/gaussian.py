@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from adm.schedule import NoiseSchedule, ScheduleName
+from adm.diffusion.schedule import NoiseSchedule, ScheduleName
 
 MeanType = Literal["eps", "x0", "prev_x"]
 VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from adm.nn import normalization, qkv_attention, timestep_embedding, zero_module
+from adm.nets.nn import normalization, qkv_attention, timestep_embedding, zero_module
 
 __all__ = [
     "AttentionBlock",

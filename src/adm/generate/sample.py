@@ -25,10 +25,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from adm import dist, guidance, runtime, sampling
-from adm.atomic import atomic_path
-from adm.diffusion import Diffusion, DiffusionConfig
-from adm.runtime import Precision
+from adm._util import dist, runtime
+from adm._util.atomic import atomic_path
+from adm._util.runtime import Precision
+from adm.diffusion import guidance, samplers
+from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 
 SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
 
@@ -149,10 +150,10 @@ def sample_batch(run: Run, diff: Diffusion, indices: list[int], device: torch.de
     model_kwargs = {"y": labels, **({} if low_res is None else {"low_res": low_res})}
     common = {"cond_fn": cond_fn, "clip_denoised": job.clip_denoised, "model_kwargs": model_kwargs}
     if job.sampler == "ddpm":
-        return sampling.ddpm_sample(model_fn, diff, noise, generator=gens, **common)
+        return samplers.ddpm_sample(model_fn, diff, noise, generator=gens, **common)
     if job.sampler == "ddim":
-        return sampling.ddim_sample(model_fn, diff, noise, eta=job.eta, generator=gens, **common)
-    return sampling.dpm_solver_sample(model_fn, diff, noise, **common)
+        return samplers.ddim_sample(model_fn, diff, noise, eta=job.eta, generator=gens, **common)
+    return samplers.dpm_solver_sample(model_fn, diff, noise, **common)
 
 
 def prepare_output(out_dir: Path, resume: bool, num_batches: int, record: dict) -> list[int]:

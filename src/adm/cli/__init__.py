@@ -1,0 +1,8 @@
+"""The `adm` command: parse arguments, resolve typed configs, call one library function.
+
+- `main`: the `adm` entry point and the small commands (demo, eval, stats)
+- `models`: `adm presets`, `adm info`, `adm convert`, `adm fetch`, `adm flags`
+- `sample`: `adm sample`, `adm upsample`, `adm nll`
+- `train`: `adm train`, `adm train-classifier`, `adm train-superres`
+- `demo`: `adm demo`: classifier guidance on Fashion-MNIST with the bundled models
+"""

@@ -1,0 +1,5 @@
+"""Images in: image folders, .npz batches, IDX files, crops, the training dataset and loader.
+
+- `datasets`: image sources, the original's crops, the training dataset, batch plan and loader
+- `fashion_mnist`: finding (or downloading, checked) Fashion-MNIST for the demo
+"""
