@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Test modules import torch before adm (isort order): give OpenMP adm's wait policy before torch
+# loads it, as `import adm` first would (README, "Python API").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -166,6 +166,41 @@ def test_cfg_and_classifier_guidance_together(name):
     assert torch.isfinite(out).all()
 
 
+class NoLabels(torch.nn.Module):
+    """An unconditional network: like ADM's, it refuses labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyEps()
+
+    def forward(self, x, t, low_res=None):
+        return self.inner(x, t) + (0 if low_res is None else low_res.mean())
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_unconditional_model_guided_by_a_classifier(name):
+    net, diff, clf = NoLabels(), diffusion("6"), TinyClassifier()
+    with pytest.raises(TypeError):  # labels reach the network without the wrapper
+        net(torch.randn(1, 3, 8, 8), torch.tensor([1]), y=torch.tensor([0]))
+    model_fn = guidance.unconditional_model_fn(net)
+    low_res = torch.full((2, 3, 8, 8), 0.5)
+    torch.testing.assert_close(
+        model_fn(low_res, torch.tensor([3, 4]), y=torch.tensor([0, 1]), low_res=low_res),
+        net(low_res, torch.tensor([3, 4]), low_res=low_res),
+    )  # y dropped, everything else passed on
+    noise, y = (
+        torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)),
+        torch.tensor([0, 1]),
+    )
+    runs = []
+    for scale in (0.0, 4.0):
+        kwargs = {"model_kwargs": {"y": y}, "cond_fn": guidance.classifier_cond_fn(clf, scale)}
+        if name == "ddpm":
+            kwargs["generator"] = torch.Generator().manual_seed(0)
+        runs.append(SAMPLERS[name](model_fn, diff, noise, **kwargs))
+    assert not torch.equal(runs[0], runs[1])  # the classifier (and only it) saw the labels
+
+
 def test_guidance_needs_labels():
     with pytest.raises(ValueError, match="needs target labels"):
         guidance.classifier_cond_fn(TinyClassifier(), 1.0)(

@@ -4,7 +4,8 @@
 from a noisy classifier that receives the original timesteps. Samplers apply it as a mean shift
 (ancestral, Algorithm 1) or a noise shift (DDIM and ODE solvers, Algorithm 2).
 `classifier_free_model_fn(model_fn, w, null_label=...)` wraps a label-dropout-trained model.
-Both work with every sampler, together too. Needs only torch.
+Both work with every sampler, together too. `unconditional_model_fn(model)` guides a model that
+takes no labels (the labels in `model_kwargs` then go to the classifier only). Needs only torch.
 """
 
 from __future__ import annotations
@@ -62,3 +63,14 @@ def classifier_free_model_fn(
         return torch.cat([eps, cond[:, channels:]], dim=1)
 
     return guided
+
+
+def unconditional_model_fn(model: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`model_fn` for a network without class labels in a classifier-guided run: the samplers pass
+    `model_kwargs` (with `y`, the target classes) to both the model and `cond_fn`; this wrapper
+    keeps `y` from the model and passes everything else (e.g. `low_res`) on."""
+
+    def model_fn(x_t: Tensor, t: Tensor, y: Tensor | None = None, **kwargs: Tensor) -> Tensor:
+        return model(x_t, t, **kwargs)
+
+    return model_fn
