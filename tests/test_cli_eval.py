@@ -18,6 +18,15 @@ from adm.evaluation import batches, evaluate, inception, metrics
 ORDER = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared cores: one intra-op thread runs Inception several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
@@ -124,10 +133,62 @@ def test_eval_uses_stored_statistics_and_zero_fid_against_itself(files, capsys) 
     assert not list(files["root"].glob("self_ref.npz.adm-features-*"))
 
 
+@pytest.fixture(scope="module")
+def grey(files) -> dict[str, Path]:
+    """The sample batch's first channel as grey [N, H, W, 1] and [N, H, W], and as the RGB batch
+    with that channel replicated."""
+    root = files["root"] / "grey"
+    root.mkdir()
+    with np.load(files["sample"]) as data:
+        g = data["arr_0"][..., :1]
+    out = {"nhw1": g, "nhw": g[..., 0], "rgb": np.repeat(g, 3, axis=-1)}
+    for name, array in out.items():
+        np.savez(root / f"{name}.npz", arr_0=array)
+    return {name: root / f"{name}.npz" for name in out}
+
+
+def test_eval_reads_grey_batches_as_rgb_with_a_note(files, grey, capsys, monkeypatch) -> None:
+    out_json = grey["nhw1"].with_name("scores.json")
+    argv = ["eval", files["ref"], grey["nhw1"], "--inception-weights", files["weights"]]
+    code, _, err = _run(capsys, *argv, "--json", out_json)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "grey" in line] == [
+        f"note: {grey['nhw1']} holds grey images [N, H, W, 1]; the channel is replicated to RGB "
+        "for Inception"
+    ]
+    # The grey batch's features, cached under its own file's SHA-256, equal those of the RGB
+    # batch with the channel replicated exactly (and so do the numbers made from them).
+    assert len(list(grey["nhw1"].parent.glob("nhw1.npz.adm-features-*.npz"))) == 1
+    model = inception.load_inception(files["weights"])
+    rgb = evaluate.batch_features(batches.open_npz_batch(grey["rgb"]), model, use_cache=False)
+    monkeypatch.setattr(evaluate, "extract_features", None)  # would fail if called
+    cached = evaluate.batch_features(batches.open_npz_batch(grey["nhw1"]), model)
+    assert np.array_equal(cached.pool, rgb.pool) and np.array_equal(cached.logits, rgb.logits)
+    assert np.array_equal(cached.pool_stats.sigma, rgb.pool_stats.sigma)
+    assert np.array_equal(cached.spatial_stats.mu, rgb.spatial_stats.mu)
+    record = json.loads(out_json.read_text())
+    assert record["inception_score"] == metrics.inception_score(rgb.logits)
+
+
+def test_stats_of_a_grey_batch_equal_those_of_the_rgb_batch(files, grey, capsys) -> None:
+    weights = ["--inception-weights", files["weights"]]
+    refs = {}
+    for name in ("rgb", "nhw"):
+        refs[name] = grey[name].with_name(f"ref_{name}.npz")
+        code, _, err = _run(capsys, "stats", grey[name], refs[name], "--num-images", 4, *weights)
+        assert code == 0, err
+        assert ("holds grey images [N, H, W];" in err) == (name == "nhw")
+    with np.load(refs["rgb"]) as a, np.load(refs["nhw"]) as b:
+        assert b["arr_0"].shape == (4, 20, 28, 3)  # written as RGB: a standard reference batch
+        for key in ("arr_0", "mu", "sigma", "mu_s", "sigma_s"):
+            assert np.array_equal(a[key], b[key]), key
+
+
 def _bad_inputs(root: Path) -> dict[str, Path]:
     np.savez(root / "no_arr0.npz", images=np.zeros((5, 8, 8, 3), np.uint8))
     np.savez(root / "float.npz", arr_0=np.zeros((5, 8, 8, 3), np.float32))
-    np.savez(root / "gray.npz", arr_0=np.zeros((5, 8, 8), np.uint8))
+    np.savez(root / "two_channels.npz", arr_0=np.zeros((5, 8, 8, 2), np.uint8))
+    np.savez(root / "one_image.npz", arr_0=np.zeros((8, 8, 3), np.uint8))
     np.savez(root / "tiny.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
     np.savez(root / "half_stats.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8), mu=np.zeros(2048))
     (root / "garbage.pth").write_bytes(b"\x00" * 100)
@@ -141,7 +202,8 @@ def _bad_inputs(root: Path) -> dict[str, Path]:
         ("missing_ref", "no such file"),
         ("no_arr0", "no array 'arr_0'"),
         ("float", "uint8"),
-        ("gray", "uint8 images"),
+        ("two_channels", "uint8 images"),
+        ("one_image", "looks like one colour image"),
         ("tiny", "need >= 4"),
         ("half_stats", "but not"),
         ("text", "not a readable .npz"),
@@ -157,7 +219,7 @@ def test_eval_bad_inputs_fail_in_one_line(files, capsys, tmp_path, case, message
     extra: list = []
     if case == "missing_ref":
         ref = tmp_path / "nope.npz"
-    elif case in ("no_arr0", "float", "gray", "tiny", "half_stats", "text"):
+    elif case in ("no_arr0", "float", "two_channels", "one_image", "tiny", "half_stats", "text"):
         ref = bad[case]
     elif case == "garbage_weights":
         weights = bad["garbage"]

@@ -313,12 +313,28 @@ def test_streaming_reader_yields_arr_0_in_chunks(tmp_path, compressed) -> None:
     np.testing.assert_array_equal(np.concatenate(chunks), images)
 
 
+@pytest.mark.parametrize("shape", [(10, 5, 7, 1), (10, 5, 7)])
+def test_grey_batches_are_read_as_rgb_with_the_channel_replicated(tmp_path, shape) -> None:
+    grey = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
+    path = tmp_path / "grey.npz"
+    np.savez(path, arr_0=grey)
+    source = batches.open_npz_batch(path)
+    assert (source.n, source.height, source.width, source.is_grey) == (10, 5, 7, True)
+    assert source.layout == ("[N, H, W, 1]" if len(shape) == 4 else "[N, H, W]")
+    chunks = list(batches.iter_images(source, chunk=4))
+    assert [c.shape for c in chunks] == [(4, 5, 7, 3), (4, 5, 7, 3), (2, 5, 7, 3)]
+    expected = np.repeat(grey.reshape(10, 5, 7, 1), 3, axis=-1)
+    np.testing.assert_array_equal(np.concatenate(chunks), expected)
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
         ({"images": np.zeros((4, 8, 8, 3), np.uint8)}, "no array 'arr_0'"),
         ({"arr_0": np.zeros((4, 8, 8, 3), np.float32)}, "uint8"),
-        ({"arr_0": np.zeros((4, 8, 8), np.uint8)}, "uint8 images"),
+        ({"arr_0": np.zeros((4, 8, 8, 2), np.uint8)}, "uint8 images"),
+        ({"arr_0": np.zeros((8, 8, 3), np.uint8)}, "looks like one colour image"),
+        ({"arr_0": np.zeros((0, 8, 8, 1), np.uint8)}, "holds no images"),
         ({"arr_0": np.zeros((4, 3, 8, 8), np.uint8)}, r"\[N, H, W, 3\]"),
     ],
 )

@@ -271,3 +271,136 @@ def test_label_dropout_replaces_labels_at_the_given_rate(images: Path, tmp_path,
     labels = torch.cat(seen)
     null = (labels == 3).float().mean().item()
     assert set(labels.tolist()) == {0, 1, 2, 3} and 0.3 < null < 0.7
+
+
+# ---- the LR schedule on resume ------------------------------------------------------------------
+
+
+def test_lr_schedule_is_the_original_anneal_and_resume_notes_say_what_changes() -> None:
+    from adm.training.lr import LRSchedule, ScheduleConflict, resume_note
+
+    run = LRSchedule(1e-3, 4, anneal=True)
+    assert [run.at(s) for s in range(4)] == [1e-3 * (1 - s / 4) for s in range(4)]  # bitwise
+    assert resume_note(run, run, 2) is None  # a plain resume: nothing changes
+    longer = LRSchedule(1e-3, 8, anneal=True)
+    assert resume_note(run, longer, 4) == (
+        "at step 4 of 8 (was 4): --anneal-lr continues linearly to 0 at step 8, lr·(1 − step/8) "
+        "as if the run had been started with --steps 8 and --lr 0.001; the LR rises from "
+        "2.50e-04 (step 3) to 5.00e-04"
+    )
+    assert "falls from 8.75e-04 (step 1) to 6.67e-04" in resume_note(
+        longer, LRSchedule(1e-3, 6, True), 2
+    )
+    assert resume_note(run, longer, 8) is None  # nothing left to train
+    with pytest.raises(ScheduleConflict, match="resume with --anneal-lr"):
+        resume_note(run, LRSchedule(1e-3, 8, anneal=False), 4)
+    constant = LRSchedule(1e-3, 4, anneal=False)
+    assert resume_note(constant, LRSchedule(1e-3, 8, False), 4).endswith(
+        "stays constant at 1.00e-03"
+    )
+    assert resume_note(constant, LRSchedule(2e-3, 4, False), 2).endswith(
+        "from 1.00e-03 to 2.00e-03"
+    )
+    assert "--anneal-lr starts linearly to 0 at step 8" in resume_note(constant, longer, 4)
+
+
+def _spy_lrs(monkeypatch) -> list[tuple[int, float]]:
+    """(step, LR) of every optimisation step, as passed to the optimizer."""
+    from adm.training import step as train_step
+
+    seen: list[tuple[int, float]] = []
+    real = train_step.Trainer._optimise
+
+    def spy(self, stats, lr):
+        seen.append((self.step, lr))
+        assert all(g["lr"] == lr for g in self.opt.param_groups)
+        return real(self, stats, lr)
+
+    monkeypatch.setattr(train_step.Trainer, "_optimise", spy)
+    return seen
+
+
+def test_extending_an_annealed_run_continues_the_anneal_over_the_new_total(
+    images: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import dataclasses
+
+    seen = _spy_lrs(monkeypatch)
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100", "unet.num_classes=none")
+    cfg = trainlib.TrainConfig(
+        steps=4, batch_size=2, lr=1e-3, anneal_lr=True, ema_rates=(0.9,), log_interval=1,
+        save_interval=2, keep=10, progress=False,
+    )  # fmt: skip
+
+    def run(**changes):
+        config = dataclasses.replace(cfg, **changes)
+        return trainlib.train(
+            trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path, config)
+        )
+
+    run()
+    assert seen == [(s, 1e-3 * (1 - s / 4)) for s in range(4)]
+    config_before = (tmp_path / "config.json").read_bytes()
+    # Dropping --anneal-lr would jump back up to the full LR: refused, the run folder untouched.
+    with pytest.raises(trainlib.TrainingError, match="resume with --anneal-lr"):
+        run(steps=8, anneal_lr=False)
+    assert (tmp_path / "config.json").read_bytes() == config_before
+    # A state file from before the schedule was recorded: the previous config.json tells it.
+    state = train_state.load_state(tmp_path, 4)
+    del state["lr_schedule"]
+    torch.save(state, train_state.state_path(tmp_path, 4))
+    capsys.readouterr()
+    seen.clear()
+    run(steps=8)
+    # The anneal continues over the new total: lr·(1 − s/8) from step 4 on (up from 2.5e-4).
+    assert seen == [(s, 1e-3 * (1 - s / 8)) for s in range(4, 8)]
+    assert [lr for _, lr in seen] == pytest.approx([5e-4, 3.75e-4, 2.5e-4, 1.25e-4], rel=1e-15)
+    out = capsys.readouterr().out
+    line = f"resuming {tmp_path} at step 4 of 8 (was 4): --anneal-lr continues linearly to 0"
+    assert line in out and "rises from 2.50e-04 (step 3) to 5.00e-04" in out
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["lr_schedule"] == {"lr": 1e-3, "total": 8, "anneal": True}
+    (change,) = config["lr_changes"]
+    assert change["step"] == 4 and change["note"].startswith("at step 4 of 8 (was 4)")
+    assert "resumed " + change["note"] in config["notes"]
+    assert train_state.load_state(tmp_path, 8)["lr_schedule"]["total"] == 8
+    assert [float(r["lr"]) for r in read_log(tmp_path)] == pytest.approx(
+        [1e-3, 7.5e-4, 5e-4, 2.5e-4, 5e-4, 3.75e-4, 2.5e-4, 1.25e-4], rel=1e-6
+    )
+    # A plain resume of the extended run (unchanged --steps) is bitwise the uninterrupted one.
+    final = checkpoint.load_state_dict(tmp_path / "model_000008.safetensors")
+    for p in tmp_path.glob("*_000008.*"):
+        p.unlink()
+    seen.clear()
+    run(steps=8)
+    assert seen == [(6, 2.5e-4), (7, 1e-3 * (1 - 7 / 8))]
+    assert "from step 6" in capsys.readouterr().out
+    again = checkpoint.load_state_dict(tmp_path / "model_000008.safetensors")
+    assert all(torch.equal(again[k], v) for k, v in final.items())
+    assert len(json.loads((tmp_path / "config.json").read_text())["lr_changes"]) == 1
+
+
+def test_extending_a_constant_lr_run_keeps_it_or_starts_the_anneal(
+    images: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import dataclasses
+
+    seen = _spy_lrs(monkeypatch)
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100", "unet.num_classes=none")
+    cfg = trainlib.TrainConfig(
+        steps=2, batch_size=2, lr=1e-3, ema_rates=(), save_interval=2, progress=False
+    )
+
+    def run(**changes):
+        config = dataclasses.replace(cfg, **changes)
+        trainlib.train(trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path, config))
+        return capsys.readouterr().out
+
+    run()
+    assert "at step 2 of 4 (was 2): the LR stays constant at 1.00e-03" in run(steps=4)
+    out = run(steps=8, anneal_lr=True)
+    assert "at step 4 of 8 (was 4): --anneal-lr starts linearly to 0 at step 8" in out
+    assert "falls from 1.00e-03 (step 3) to 5.00e-04" in out
+    assert seen == [(0, 1e-3), (1, 1e-3), (2, 1e-3), (3, 1e-3)] + [
+        (s, 1e-3 * (1 - s / 8)) for s in range(4, 8)
+    ]

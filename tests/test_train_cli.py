@@ -130,3 +130,25 @@ def test_classes_from_file_fixes_the_label_indices(tmp_path: Path, capsys) -> No
     names.write_text("z\nb\n")
     assert main(argv) == 2
     assert "classes ['a'] are not in the class map" in capsys.readouterr().err
+
+
+def test_extending_an_annealed_run_says_what_the_lr_does(tmp_path: Path, capsys) -> None:
+    data = _folder(tmp_path / "imgs")
+    base = ["train", "--preset", "tiny_diffusion", *SMALL, "--data", str(data), "--lr", "1e-3",
+            "--out", str(tmp_path / "run"), "--batch-size", "2", "--save-interval", "2",
+            "--set", "unet.num_classes=none", "--ema-rate", "0.9", "--log-interval", "1",
+            "--no-progress"]  # fmt: skip
+    assert main([*base, "--steps", "2", "--anneal-lr"]) == 0
+    capsys.readouterr()
+    # Forgetting --anneal-lr on the rerun would jump back up to --lr: refused in one line.
+    assert main([*base, "--steps", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("adm train: error: ") and err.count("\n") == 1, err
+    assert "trained with --anneal-lr (5.00e-04 at step 1)" in err and "--init-from" in err
+    assert main([*base, "--steps", "6", "--anneal-lr"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 2 of 6 (was 2): --anneal-lr continues linearly to 0 at step 6" in out
+    assert "the LR rises from 5.00e-04 (step 1) to 6.67e-04" in out
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        lrs = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert lrs == pytest.approx([1e-3, 5e-4, 2e-3 / 3, 5e-4, 1e-3 / 3, 1e-3 / 6], rel=1e-5)

@@ -1,6 +1,6 @@
-"""Fault and distribution tests with real processes: a training run killed with SIGKILL and
-rerun ends bitwise equal to an uninterrupted one (CPU), and 2 gloo processes under torchrun give
-the parameters of 1 process with the same global batch."""
+"""Fault and distribution tests with real processes: a training run (LR annealed) killed with
+SIGKILL and rerun ends bitwise equal to an uninterrupted one (CPU), and 2 gloo processes under
+torchrun give the parameters of 1 process with the same global batch."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ ARGS = [
     "--set", "unet.attention_ds=2", "--set", "diffusion.steps=100", "--fit-classes",
     "--label-dropout", "0.2", "--steps", str(STEPS), "--batch-size", "4", "--microbatch", "3",
     "--save-interval", "2", "--log-interval", "2", "--ema-rate", "0.9,0.99",
-    "--timestep-sampler", "loss-second-moment", "--lr", "1e-4", "--no-progress",
+    "--timestep-sampler", "loss-second-moment", "--lr", "1e-4", "--anneal-lr", "--no-progress",
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

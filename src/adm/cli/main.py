@@ -141,7 +141,8 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
         help="Inception Score, FID, sFID, precision and recall of a sample batch (the paper's)",
         description=(
             "The evaluator of openai/guided-diffusion in PyTorch. REF_BATCH and SAMPLE_BATCH are "
-            ".npz files with arr_0 = uint8 images [N, H, W, 3]; a reference batch may also store "
+            ".npz files with arr_0 = uint8 images [N, H, W, 3] (grey [N, H, W, 1] or [N, H, W] "
+            "are read as RGB, the channel replicated); a reference batch may also store "
             "mu, sigma, mu_s, sigma_s (then FID/sFID use them). Example: adm eval "
             "VIRTUAL_imagenet256_labeled.npz samples_50000x256x256x3.npz --json scores.json"
         ),
@@ -225,6 +226,17 @@ def _inception_from_args(args: argparse.Namespace):
     return model
 
 
+def _note_grey(*sources) -> None:
+    """One line per grey npz batch: it is read as RGB with the channel replicated."""
+    for src in sources:
+        if src.is_grey:
+            print(
+                f"note: {src.path} holds grey images {src.layout}; the channel is replicated to "
+                "RGB for Inception",
+                file=sys.stderr,
+            )
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -232,10 +244,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from adm.evaluation import batches, evaluate
 
     try:
-        evaluate.check_eval_inputs(args.ref_batch, args.sample_batch)
+        ref, sample, _ = evaluate.check_eval_inputs(args.ref_batch, args.sample_batch)
         if args.json:
             batches.check_output_path(args.json)
         model = _inception_from_args(args)
+        _note_grey(ref, sample)  # after every check: an error stays one line
         result = evaluate.evaluate(
             args.ref_batch,
             args.sample_batch,
@@ -273,6 +286,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         source = batches.open_source(args.source)
         out = batches.check_output_path(args.out)
         model = _inception_from_args(args)
+        _note_grey(source)
         evaluate.build_reference_batch(
             source,
             out,

@@ -70,7 +70,9 @@ def _options(p: argparse.ArgumentParser, kind: str) -> None:
     a("--microbatch", type=int, help="images per forward/backward on one process (-1: all)")
     a("--lr", type=float, help="learning rate (default 1e-4; classifier 3e-4)")
     a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    a("--anneal-lr", action="store_true", default=None, help="anneal the LR linearly to 0")
+    a("--anneal-lr", action="store_true", default=None,
+      help="anneal the LR linearly to 0 at --steps: lr·(1 − step/steps); rerun with a larger "
+      "--steps to continue the anneal over the new total (docs/training.md)")  # fmt: skip
     a("--ema-rate", help="comma list of EMA rates (default 0.9999; classifier: none)")
     a("--timestep-sampler", choices=["uniform", "loss-second-moment"])
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",

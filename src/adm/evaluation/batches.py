@@ -2,6 +2,8 @@
 
 Sample batches hold `arr_0` (and `arr_1` labels, ignored); reference batches add whole-dataset
 statistics `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial). Also image folders as a source.
+Grey batches (`[N, H, W, 1]`, as `adm sample` writes for 1-channel models, or `[N, H, W]`) are read
+as RGB with the channel replicated, as PIL converts grey image files ("L" -> "RGB").
 Every check runs before any work, and files are written atomically (temporary file + rename).
 """
 
@@ -27,17 +29,24 @@ class BatchError(ValueError):
 
 @dataclass(frozen=True)
 class ImageSource:
-    """A validated source of uint8 [H, W, 3] images: an npz batch or a folder of image files."""
+    """A validated source of uint8 [H, W, 3] images: an npz batch or a folder of image files.
+    `layout` is how an npz batch stores them: `[N, H, W, 3]`, or grey `[N, H, W, 1]` or
+    `[N, H, W]` (replicated to RGB when read)."""
 
     path: Path
     n: int
     height: int
     width: int
     files: tuple[Path, ...] = ()  # folder sources only, in sorted order
+    layout: str = "[N, H, W, 3]"
 
     @property
     def is_folder(self) -> bool:
         return bool(self.files)
+
+    @property
+    def is_grey(self) -> bool:
+        return self.layout != "[N, H, W, 3]"
 
 
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -50,7 +59,8 @@ def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 def open_npz_batch(path: str | os.PathLike) -> ImageSource:
-    """Check that `path` is an npz with `arr_0` uint8 [N, H, W, 3], N >= 1 (headers only)."""
+    """Check that `path` is an npz with `arr_0` uint8 [N, H, W, 3], or grey [N, H, W, 1] or
+    [N, H, W], N >= 1 (headers only)."""
     path = Path(path)
     if not path.is_file():
         raise BatchError(f"{path}: no such file")
@@ -66,11 +76,20 @@ def open_npz_batch(path: str | os.PathLike) -> ImageSource:
         if isinstance(err, BatchError):
             raise
         raise BatchError(f"{path}: arr_0 has a broken .npy header ({err})") from err
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or 0 in shape:
+    layouts = {4: "[N, H, W, 3]" if shape[-1:] == (3,) else "[N, H, W, 1]", 3: "[N, H, W]"}
+    if dtype != np.uint8 or len(shape) not in layouts or shape[3:] not in ((), (1,), (3,)):
         raise BatchError(
-            f"{path}: arr_0 must be uint8 images [N, H, W, 3], got {dtype} {list(shape)}"
+            f"{path}: arr_0 must be uint8 images [N, H, W, 3] (grey: [N, H, W, 1] or "
+            f"[N, H, W]), got {dtype} {list(shape)}"
         )
-    return ImageSource(path, shape[0], shape[1], shape[2])
+    if len(shape) == 3 and shape[2] in (3, 4):  # [H, W, C] of one image, not W = 3 grey ones
+        raise BatchError(
+            f"{path}: arr_0 {list(shape)} looks like one colour image; a batch is "
+            "[N, H, W, 3] (grey: [N, H, W, 1])"
+        )
+    if 0 in shape:
+        raise BatchError(f"{path}: arr_0 holds no images ({list(shape)})")
+    return ImageSource(path, shape[0], shape[1], shape[2], layout=layouts[len(shape)])
 
 
 def _keys(zf: zipfile.ZipFile) -> list[str]:
@@ -78,7 +97,7 @@ def _keys(zf: zipfile.ZipFile) -> list[str]:
 
 
 def iter_npz_images(path: str | os.PathLike, chunk: int = 64) -> Iterator[np.ndarray]:
-    """Yield `arr_0` in chunks of [<=chunk, H, W, 3] without loading the whole array."""
+    """Yield `arr_0` as stored, in chunks of [<=chunk, H, W(, C)], without loading it whole."""
     with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
         shape, fortran, dtype = _npy_header(f)
         if fortran:  # rare; the reference also falls back to a full load
@@ -143,10 +162,19 @@ def open_source(path: str | os.PathLike) -> ImageSource:
     return open_image_folder(path) if path.is_dir() else open_npz_batch(path)
 
 
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, H, W, 3] from [n, H, W, 3], or grey [n, H, W, 1] or [n, H, W] (the channel
+    replicated, as PIL's "L" -> "RGB" conversion and Inception's three input channels expect)."""
+    if images.ndim == 3:
+        images = images[..., None]
+    return images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
+
+
 def iter_images(source: ImageSource, chunk: int = 64) -> Iterator[np.ndarray]:
-    """Yield uint8 [<=chunk, H, W, 3] chunks of an npz batch or image folder, in order."""
+    """Yield uint8 [<=chunk, H, W, 3] chunks of an npz batch or image folder, in order
+    (grey batches with the channel replicated)."""
     if not source.is_folder:
-        yield from iter_npz_images(source.path, chunk)
+        yield from (to_rgb(c) for c in iter_npz_images(source.path, chunk))
         return
     from PIL import Image
 

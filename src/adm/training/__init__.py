@@ -4,5 +4,6 @@
 - `step`: one optimisation step: micro-batches, AMP, timestep sampling, EMA
 - `setup`: typed training config, data and run-folder setup
 - `state`: training state: EMA, atomic checkpoints, exact resume
+- `lr`: the LR schedule (constant or linear anneal) and what a resume with new flags does to it
 - `log`: CSV/TensorBoard logs, loss curves, grids
 """

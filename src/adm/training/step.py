@@ -29,6 +29,7 @@ from adm.models import checkpoint
 from adm.models.presets import build_model, preset_to_dict
 from adm.training import state as ts
 from adm.training.log import MetricMeter
+from adm.training.lr import LRSchedule, ScheduleConflict, resume_note
 from adm.training.setup import RunSetup
 
 __all__ = ["Trainer", "TrainingError", "amp_dtype"]
@@ -61,7 +62,7 @@ class Trainer:
         self.amp = amp_dtype(self.cfg.precision, self.device)
         self.diff = Diffusion.from_config(self.preset.diffusion)
         self.sampler = create_sampler(self.cfg.timestep_sampler, self.diff.num_steps)
-        resume = self._prepare_run_dir()
+        resume, previous = self._prepare_run_dir()
         dist.seed_everything(self.cfg.seed)
         self.model = build_model(self.preset).to(self.device).train()
         if setup.init_from and resume is None:
@@ -76,8 +77,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.step, self.skipped, self.nonfinite_run = 0, 0, 0
         self.bad_images: set[str] = set()
+        self.schedule = LRSchedule(self.cfg.lr, self.cfg.steps, self.cfg.anneal_lr)
+        self.notes: list[str] = []
+        # Every change of the LR schedule on resume, kept across restarts in config.json.
+        self.lr_changes: list[dict[str, Any]] = list((previous or {}).get("lr_changes", []))
         if resume is not None:
-            self._restore(resume)
+            self._restore(resume, previous)
+        if info.is_main:
+            self._write_run_files()
         self.net = self.model
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -91,17 +98,20 @@ class Trainer:
 
     # ---- run folder, resume, checkpoints ----------------------------------------------------
 
-    def _prepare_run_dir(self) -> int | None:
-        """Create the run folder, check that an existing run there is this run, return the step
-        of its latest complete checkpoint (None for a fresh run)."""
-        resume, problem = None, None
+    def _prepare_run_dir(self) -> tuple[int | None, dict[str, Any] | None]:
+        """Create the run folder, check that an existing run there is this run; return the step
+        of its latest complete checkpoint (None for a fresh run) and its `config.json` (the
+        previous invocation's). `config.json` and `classes.json` are (re)written once the run
+        is resumed, so a refused resume leaves them as they were."""
+        resume, problem, previous = None, None, None
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resume = ts.latest_step(self.run_dir)
             config_file = self.run_dir / "config.json"
             mine = json.loads(json.dumps(preset_to_dict(self.preset)))
             if resume is not None and config_file.is_file():
-                theirs = json.loads(config_file.read_text())["preset"]
+                config = json.loads(config_file.read_text())
+                theirs, previous = config["preset"], config
                 if {k: theirs.get(k) for k in ("kind", "network", "diffusion")} != {
                     k: mine[k] for k in ("kind", "network", "diffusion")
                 }:
@@ -109,33 +119,54 @@ class Trainer:
                         f"{self.run_dir} holds a run of a different model; resume it with its "
                         "own settings or choose a new --out folder"
                     )
-            if problem is None:
-                ts.write_json(config_file, self.setup.describe())
-                ts.write_json(self.run_dir / "classes.json", self.setup.class_map())
-        resume, problem = dist.broadcast_object((resume, problem))
+        resume, problem, previous = dist.broadcast_object((resume, problem, previous))
         if problem:
             raise TrainingError(problem)
-        return resume
+        return resume, previous
 
-    def _restore(self, step: int) -> None:
+    def _write_run_files(self) -> None:
+        """`config.json` (the resolved run, with the LR schedule in effect and the notes of this
+        start) and `classes.json`."""
+        describe = self.setup.describe()
+        describe.update(notes=[*describe["notes"], *self.notes])
+        describe.update(lr_schedule=self.schedule.to_dict(), lr_changes=self.lr_changes)
+        ts.write_json(self.run_dir / "config.json", describe)
+        ts.write_json(self.run_dir / "classes.json", self.setup.class_map())
+
+    def _restore(self, step: int, previous: dict[str, Any] | None) -> None:
         run_dir = self.run_dir
+        state = ts.load_state(run_dir, step)
+        self.step = state["step"]
+        # The LR schedule first: a refused resume costs no weight loading.
+        if "lr_schedule" in state:
+            saved = LRSchedule.from_dict(state["lr_schedule"])
+        elif previous is not None and "train" in previous:  # state from before lr_schedule
+            train = previous["train"]
+            saved = LRSchedule(train["lr"], train["steps"], train["anneal_lr"])
+        else:
+            saved = self.schedule
+        try:
+            note = resume_note(saved, self.schedule, self.step)
+        except ScheduleConflict as err:
+            raise TrainingError(f"{run_dir}: {err}") from None
         self.model.load_state_dict(checkpoint.load_state_dict(ts.model_path(run_dir, step)))
         for rate in self.ema.rates:
             path = ts.ema_path(run_dir, rate, step)
             if not path.is_file():
                 raise TrainingError(f"{path} is missing: resume with the run's own --ema-rate")
             self.ema.load(rate, checkpoint.load_state_dict(path))
-        state = ts.load_state(run_dir, step)
         self.opt.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         if len(state["rng"]) == self.info.world_size:
             dist.set_rng_state(state["rng"][self.info.rank])
-        self.step, self.skipped = state["step"], state["skipped_steps"]
-        self.bad_images = set(state["bad_images"])
+        self.skipped, self.bad_images = state["skipped_steps"], set(state["bad_images"])
+        if note:
+            self.notes.append(f"resumed {note}")
+            self.lr_changes.append({"step": self.step, "note": note})
         if self.info.is_main:
-            tqdm.write(f"resuming {run_dir} from step {step}")
+            tqdm.write(f"resuming {run_dir} {note or f'from step {step}'}")
 
     def save(self) -> None:
         """Write the checkpoint of the current step (all ranks must call it)."""
@@ -161,6 +192,7 @@ class Trainer:
                     "next_step": self.step,
                 },
                 "ema_rates": list(self.ema.rates),
+                "lr_schedule": self.schedule.to_dict(),
                 "skipped_steps": self.skipped,
                 "bad_images": sorted(self.bad_images),
                 "class_map": json.dumps(self.setup.class_map()),
@@ -225,7 +257,7 @@ class Trainer:
         r = self._step_randomness(tuple(x.shape[1:]))
         torch.manual_seed(dist.step_seed(cfg.seed, self.step, 2 + self.info.rank))  # dropout
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        lr = cfg.lr * (1 - self.step / cfg.steps) if cfg.anneal_lr else cfg.lr
+        lr = self.schedule.at(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
