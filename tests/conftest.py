@@ -12,56 +12,54 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_ENV = "ADM_GOLDEN_DIR"
 
 
 def golden_dir() -> Path:
-    """`$ADM_GOLDEN_DIR`, else `../shared/golden` next to the repository, else next to the local
-    repository this one was cloned from (a throw-away clone, e.g. in a temporary folder)."""
-    if "ADM_GOLDEN_DIR" in os.environ:
-        return Path(os.environ["ADM_GOLDEN_DIR"])
-    beside = REPO_ROOT.parent / "shared" / "golden"
-    origin = None if beside.is_dir() else _local_origin()
-    cloned_from = origin.parent / "shared" / "golden" if origin is not None else None
-    return cloned_from if cloned_from is not None and cloned_from.is_dir() else beside
+    """The golden cases: `$ADM_GOLDEN_DIR` when set (another case set of the same kinds), else the
+    repository's own copy in `tests/golden`."""
+    override = os.environ.get(GOLDEN_ENV)
+    return Path(override) if override else REPO_ROOT / "tests" / "golden"
 
 
-def _local_origin() -> Path | None:
-    """The folder of the `origin` remote when it is a path on this machine."""
-    import subprocess
-
-    try:
-        url = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "remote", "get-url", "origin"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
+def golden_problem(root: Path | None = None, pattern: str = "*.json") -> str | None:
+    """Why a golden folder cannot be used (missing, or holding no file matching `pattern`), else
+    None. A missing case set is a failure, never a skip: the message names the folder and the
+    variable that chose it."""
+    root = golden_dir() if root is None else root
+    if not root.is_dir():
+        problem = f"golden cases not found: {root} is not a folder"
+    elif not any(root.glob(pattern)):
+        problem = f"golden cases not found: {root} holds no {pattern}"
+    else:
         return None
-    path = Path(url.removeprefix("file://"))
-    return path.resolve() if path.is_dir() else None
+    if os.environ.get(GOLDEN_ENV):
+        chosen = f"{GOLDEN_ENV}={os.environ[GOLDEN_ENV]}"
+        return f"{problem} (chosen by {chosen}; unset it for the repository's tests/golden)"
+    return f"{problem} (the repository's copy; restore it, or set {GOLDEN_ENV} to a case folder)"
 
 
 @pytest.fixture(scope="session")
 def golden_root() -> Path:
-    root = golden_dir()
-    if not root.is_dir():
-        pytest.fail(f"golden folder {root} not found: set ADM_GOLDEN_DIR to ../shared/golden")
-    return root
+    problem = golden_problem()
+    if problem is not None:
+        pytest.fail(problem)
+    return golden_dir()
 
 
 # ---- helpers shared by the network tests (plain functions, imported with `from conftest import`)
 
 
-def golden_cases(*kinds: str, default: tuple[str, ...]) -> list[str]:
-    """Every golden case of these kinds (else the known names, so a missing folder fails)."""
+def golden_cases(*kinds: str) -> list:
+    """Every golden case of these kinds, as test parameters. A missing or empty folder gives one
+    parameter whose test then fails in the `golden_root` fixture (never zero tests or a skip)."""
     import json
 
     root = golden_dir()
-    found = []
-    if root.is_dir():
-        for path in sorted(root.glob("*.json")):
-            if json.loads(path.read_text()).get("kind") in kinds:
-                found.append(path.stem)
-    return found or list(default)
+    if golden_problem(root) is not None:
+        return [pytest.param("missing", id="golden-cases-missing")]
+    paths = sorted(root.glob("*.json"))
+    return [p.stem for p in paths if json.loads(p.read_text()).get("kind") in kinds]
 
 
 def load_case(root: Path, name: str):

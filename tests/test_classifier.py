@@ -13,7 +13,7 @@ from adm.models import flags
 from adm.nets.classifier import ClassifierConfig, NoisyClassifier
 from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
-CLASSIFIER_CASES = golden_cases("classifier", default=("classifier",))
+CLASSIFIER_CASES = golden_cases("classifier")
 
 
 def _build(spec: dict) -> torch.nn.Module:

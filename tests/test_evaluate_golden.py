@@ -20,7 +20,7 @@ from adm.evaluation.metrics import (
     inception_score_splits,
     precision_recall,
 )
-from conftest import golden_dir
+from conftest import golden_dir, golden_problem
 
 pytestmark = pytest.mark.golden
 
@@ -40,8 +40,9 @@ def _spec() -> dict:
 
 
 def _items() -> list:
-    """(case, item) pairs; one item per expected number, IS split size, array and flag."""
-    if not (EVAL_DIR / "golden.json").is_file():
+    """(case, item) pairs; one item per expected number, IS split size, array and flag. A missing
+    or empty case set gives one item that fails (never zero tests, never a skip)."""
+    if golden_problem(EVAL_DIR, "golden.json") is not None:
         return [pytest.param("missing", "missing", id="golden.json-missing")]
     items = []
     for name, case in _spec()["cases"].items():
@@ -52,6 +53,8 @@ def _items() -> list:
                 items.append((name, key))
         if "fp16_distance_overflow_fallback" in case:
             items.append((name, "fp16_distance_overflow_fallback"))
+    if not items:
+        return [pytest.param("missing", "empty", id="golden.json-empty")]
     return [pytest.param(c, i, id=f"{c}-{i}") for c, i in items]
 
 
@@ -112,7 +115,8 @@ def _expected_array(case: dict, key: str) -> tuple[np.ndarray, str]:
 @pytest.mark.parametrize(("case_name", "item"), _items())
 def test_golden_eval(case_name: str, item: str) -> None:
     if case_name == "missing":
-        pytest.fail(f"{EVAL_DIR / 'golden.json'} not found: set ADM_GOLDEN_DIR")
+        problem = golden_problem(EVAL_DIR, "golden.json")
+        pytest.fail(problem or f"{EVAL_DIR / 'golden.json'} lists no case ({item})")
     spec = _spec()
     case, tolerances = spec["cases"][case_name], spec["tolerances"]
     file, expected = case["file"], case["expected"]

@@ -1,8 +1,10 @@
-"""Golden harness: every `*.json` case in $ADM_GOLDEN_DIR (default ../shared/golden), dispatched
-on its `kind`, every output array compared at the json's tolerances.
+"""Golden harness: every `*.json` case in the repository's `tests/golden` (or `$ADM_GOLDEN_DIR`),
+dispatched on its `kind`, every output array compared at the json's tolerances.
 
-No case-specific code: networks, diffusions, timesteps and settings all come from the json. An
-unknown kind, a missing array or an output no checker produces is a failure.
+No case-specific code: networks, diffusions, labels, loops and settings all come from the json and
+the npz, so other case sets of the same kinds (other sizes, seeds, settings) run unchanged. A
+missing or empty case set, an unknown kind, a missing array, an output no checker produces, an
+array a checker produces that the json does not list, and an input no checker reads are failures.
 """
 
 from __future__ import annotations
@@ -23,28 +25,58 @@ from adm.diffusion.gaussian import Diffusion
 from adm.diffusion.schedule import NoiseSchedule, named_betas, space_timesteps
 from adm.models import flags
 from adm.nets.nn import qkv_attention, timestep_embedding
-from conftest import golden_dir
+from conftest import golden_dir, golden_problem
 
 
 class Case:
-    """One fixture: the json description and its npz arrays."""
+    """One fixture: the json description and its npz arrays; remembers which arrays were read."""
 
-    def __init__(self, path: Path):
-        self.meta = json.loads(path.read_text())
+    def __init__(self, name: str, meta: dict, arrays: dict[str, np.ndarray]):
+        self.name, self.meta, self.arrays = name, meta, arrays
+        self.params = {**meta.get("config", {}), **meta.get("params", {})}
+        self.read: set[str] = set()
+
+    @classmethod
+    def load(cls, path: Path) -> Case:
         npz_path = path.with_suffix(".npz")
-        self.arrays = dict(np.load(npz_path)) if npz_path.exists() else {}
-        self.params = {**self.meta.get("config", {}), **self.meta.get("params", {})}
+        arrays = dict(np.load(npz_path)) if npz_path.exists() else {}
+        return cls(path.stem, json.loads(path.read_text()), arrays)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.arrays:
-            pytest.fail(f"array {name!r} is missing from the fixture")
+            pytest.fail(f"{self.name}: array {name!r} is missing from the fixture")
+        self.read.add(name)
         return torch.from_numpy(self.arrays[name])
 
     def has(self, name: str) -> bool:
         return name in self.arrays
 
+    def lists(self, name: str) -> bool:
+        return name in self.meta["arrays"]
+
+    def listed(self, by_products: dict) -> dict:
+        """The by-products the json lists: a case stores only some of what one operation returns
+        (two of p_mean_variance's four outputs, a step's sample but not its x0 guess). Anything else
+        a checker returns must be listed."""
+        return {k: v for k, v in by_products.items() if self.lists(k)}
+
     def output_names(self) -> list[str]:
         return [n for n in self.meta["arrays"] if n.startswith("output/")]
+
+    def first(self, *names: str) -> str | None:
+        """The first of these array names the fixture stores."""
+        return next((n for n in names if self.has(n)), None)
+
+    def labels(self, batch: int, prefix: str | None = None) -> torch.Tensor | None:
+        """Class labels for a batch of `batch` images: `input/<prefix>_y` when stored (labels of a
+        second batch, such as the bits/dim loop's), else `input/y`; None if the case has none."""
+        name = self.first(*([f"input/{prefix}_y"] if prefix else []), "input/y")
+        if name is None:
+            return None
+        y = self[name]
+        if y.shape != (batch,):
+            pytest.fail(f"{self.name}: {name} has shape {list(y.shape)}, the batch has {batch}")
+        return y
 
     def network(self, name: str) -> torch.nn.Module:
         spec = self.meta["models"][name]
@@ -80,18 +112,45 @@ class Case:
 
 
 def model_fn_for(net: torch.nn.Module, y: torch.Tensor | None, **cond) -> Callable:
-    """The sampling scripts' model_fn: labels only for class-conditional networks."""
-    conditional = getattr(getattr(net, "config", None), "num_classes", None) is not None
+    """The sampling scripts' model_fn, `model(x, t, y if class_cond else None)`: labels only for
+    class-conditional networks, which fail clearly when the case stores none."""
+    num_classes = getattr(getattr(net, "config", None), "num_classes", None)
+    if num_classes is not None and y is None:
+        pytest.fail(f"class-conditional network ({num_classes} classes) but no input/y in the case")
 
     def model_fn(x, t, **_):
-        return net(x, t, **cond, **({"y": y} if conditional else {}))
+        return net(x, t, **cond, **({"y": y} if num_classes is not None else {}))
 
     return model_fn
 
 
-def stack_loop(steps: Iterator[samplers.SampleStep]) -> tuple[torch.Tensor, torch.Tensor]:
+def loop_outputs(
+    case: Case, prefix: str, steps: Iterator[samplers.SampleStep], seen_t: list | None = None
+) -> dict:
+    """A loop's outputs: the sample after each step, and where the json lists them the x0 guess
+    after each step and the timesteps cond_fn received (`seen_t`, filled while the loop runs)."""
     steps = list(steps)
-    return torch.stack([s.sample for s in steps]), torch.stack([s.pred_x0 for s in steps])
+    extra = {f"{prefix}/pred_xstart": torch.stack([s.pred_x0 for s in steps])}
+    if seen_t is not None:
+        extra[f"{prefix}/cond_fn_timesteps"] = torch.stack(seen_t)
+    return {f"{prefix}/samples": torch.stack([s.sample for s in steps]), **case.listed(extra)}
+
+
+def step_outputs(case: Case, prefix: str, sample: torch.Tensor, pred_x0: torch.Tensor) -> dict:
+    """One sampler step's outputs: its sample, and its x0 guess where the json lists it."""
+    return {f"{prefix}/sample": sample, **case.listed({f"{prefix}/pred_xstart": pred_x0})}
+
+
+def _pmv(case: Case, prefix: str, pmv: gaussian.PMeanVar) -> dict:
+    """The p_mean_variance outputs the json lists."""
+    return case.listed(
+        {
+            f"{prefix}/mean": pmv.mean,
+            f"{prefix}/variance": pmv.variance,
+            f"{prefix}/log_variance": pmv.log_variance,
+            f"{prefix}/pred_xstart": pmv.pred_x0,
+        }
+    )
 
 
 def scale_name(scale: float) -> str:
@@ -153,9 +212,8 @@ def check_primitives(case: Case) -> dict:
 
 
 def check_unet_forward(case: Case) -> dict:
-    net = case.network("model")
-    y = case["input/y"] if case.has("input/y") else None
-    model_fn = model_fn_for(net, y)
+    net, x = case.network("model"), case["input/x"]
+    model_fn = model_fn_for(net, case.labels(len(x)))
     captured: dict[str, torch.Tensor] = {}
     hooks = {
         "debug/time_embed": net.time_embed,
@@ -168,10 +226,10 @@ def check_unet_forward(case: Case) -> dict:
         for name, module in hooks.items()
     ]
     with torch.no_grad():
-        out = {"output/model_output": model_fn(case["input/x"], case["input/t"])}
+        out = {"output/model_output": model_fn(x, case["input/t"])}
         for h in handles:
             h.remove()
-        out["output/model_output_float_t"] = model_fn(case["input/x"], case["input/t_float"])
+        out["output/model_output_float_t"] = model_fn(x, case["input/t_float"])
     return {**out, **captured}
 
 
@@ -191,7 +249,7 @@ def check_superres(case: Case) -> dict:
 
     net = case.network("model")
     x, low_res = case["input/x"], case["input/low_res"]
-    model_fn = model_fn_for(net, case["input/y"] if case.has("input/y") else None, low_res=low_res)
+    model_fn = model_fn_for(net, case.labels(len(x)), low_res=low_res)
     out = {
         "output/low_res_from_area_downsample": data.downsample_area(
             case["input/x_large"], case.params["small_size"]
@@ -202,28 +260,19 @@ def check_superres(case: Case) -> dict:
         out["output/model_output"] = model_fn(x, case["input/t"])
         ddim = case.diffusion("ddim")
         sample, pred = samplers.ddim_step(model_fn, ddim, x, case["input/t_ddim"])
-        out["output/ddim_step/sample"], out["output/ddim_step/pred_xstart"] = sample, pred
+        out.update(step_outputs(case, "output/ddim_step", sample, pred))
         ddpm = case.diffusion("ddpm")
         sample, pred = samplers.ddpm_step(
             model_fn, ddpm, x, case["input/t_ddpm"], noise=case["input/step_noise"]
         )
-        out["output/ddpm_step/sample"], out["output/ddpm_step/pred_xstart"] = sample, pred
+        out.update(step_outputs(case, "output/ddpm_step", sample, pred))
     return out
-
-
-def _pmv(prefix: str, pmv: gaussian.PMeanVar) -> dict:
-    return {
-        f"{prefix}/mean": pmv.mean,
-        f"{prefix}/variance": pmv.variance,
-        f"{prefix}/log_variance": pmv.log_variance,
-        f"{prefix}/pred_xstart": pmv.pred_x0,
-    }
 
 
 def check_diffusion_learned(case: Case) -> dict:
     net = case.network("model")
-    model_fn = model_fn_for(net, None)
     x0, t, noise = case["input/x_start"], case["input/t"], case["input/noise"]
+    model_fn = model_fn_for(net, case.labels(len(x0)))
     diff = case.diffusion("hybrid_mse")
     out: dict[str, torch.Tensor] = {}
     q = gaussian.q_mean_variance(diff, x0, t)
@@ -237,37 +286,44 @@ def check_diffusion_learned(case: Case) -> dict:
         raw = model_fn(x_t, diff.schedule.network_timesteps(t))
     out["output/model_raw_output"] = raw
     pmv = gaussian.p_mean_variance
-    out.update(_pmv("output/p_mean_variance_clip", pmv(diff, raw, x_t, t)))
-    out.update(_pmv("output/p_mean_variance_noclip", pmv(diff, raw, x_t, t, clip_denoised=False)))
+    out.update(_pmv(case, "output/p_mean_variance_clip", pmv(diff, raw, x_t, t)))
+    out.update(
+        _pmv(case, "output/p_mean_variance_noclip", pmv(diff, raw, x_t, t, clip_denoised=False))
+    )
     denoised = pmv(diff, raw, x_t, t, denoised_fn=lambda z: 0.9 * z)
-    out.update(_pmv("output/p_mean_variance_denoised_fn", denoised))
+    out.update(_pmv(case, "output/p_mean_variance_denoised_fn", denoised))
     plain = pmv(case.diffusion("learned_plain"), raw, x_t, t)
-    out.update(_pmv("output/p_mean_variance_learned_plain", plain))
-    out["output/vb_terms_bpd"] = gaussian.vb_terms_bpd(diff, raw, x0, x_t, t, clip_denoised=False)[
-        0
-    ]
+    out.update(_pmv(case, "output/p_mean_variance_learned_plain", plain))
+    vb, _ = gaussian.vb_terms_bpd(diff, raw, x0, x_t, t, clip_denoised=False)
+    out["output/vb_terms_bpd"] = vb
+    # The training losses (and their gradient w.r.t. the network output) of every diffusion the
+    # json stores them for.
     for name in case.meta["diffusions"]:
         prefix = f"output/training_losses/{name}/"
-        if not any(a.startswith(prefix) for a in case.output_names()):
+        grad_name = f"output/grad_loss_wrt_model_output/{name}"
+        if not case.lists(grad_name) and not any(a.startswith(prefix) for a in case.meta["arrays"]):
             continue
         d = case.diffusion(name)
         losses = gaussian.losses_from_output(d, raw, x0, x_t, t, noise)
-        out.update({prefix + k: v for k, v in losses.items()})
-        leaf = raw.clone().requires_grad_(True)
-        total = gaussian.losses_from_output(d, leaf, x0, x_t, t, noise)["loss"].sum()
-        (out[f"output/grad_loss_wrt_model_output/{name}"],) = torch.autograd.grad(total, leaf)
+        out.update(case.listed({prefix + k: v for k, v in losses.items()}))
+        if case.lists(grad_name):
+            leaf = raw.clone().requires_grad_(True)
+            total = gaussian.losses_from_output(d, leaf, x0, x_t, t, noise)["loss"].sum()
+            (out[grad_name],) = torch.autograd.grad(total, leaf)
     out["output/prior_bpd"] = gaussian.prior_bpd(diff, x0)
+    bpd_x0 = case["input/bpd_x_start"]
     bpd = gaussian.calc_bpd_loop(
-        case.diffusion("bpd"), model_fn, case["input/bpd_x_start"], noises=case["input/bpd_noises"]
-    )
+        case.diffusion("bpd"), model_fn_for(net, case.labels(len(bpd_x0), "bpd")), bpd_x0,
+        noises=case["input/bpd_noises"],
+    )  # fmt: skip
     out.update({f"output/calc_bpd_loop/{k}": v for k, v in bpd.items()})
     return out
 
 
 def check_diffusion_fixed(case: Case) -> dict:
     net = case.network("model")
-    model_fn = model_fn_for(net, None)
     x0, noise = case["input/x_start"], case["input/noise"]
+    model_fn = model_fn_for(net, case.labels(len(x0)))
     out: dict[str, torch.Tensor] = {}
     for name in case.meta["diffusions"]:
         diff, t = case.diffusion(name), case[f"input/t_{name}"]
@@ -277,51 +333,77 @@ def check_diffusion_fixed(case: Case) -> dict:
         with torch.no_grad():
             pmv = samplers.model_p_mean_variance(diff, model_fn, x_t, t)
             losses = gaussian.training_losses(diff, model_fn, x0, t, noise=noise)
-        out.update(_pmv(f"output/{name}/p_mean_variance", pmv))
+        out.update(_pmv(case, f"output/{name}/p_mean_variance", pmv))
         out.update({f"output/{name}/training_losses/{k}": v for k, v in losses.items()})
     return out
 
 
+def loop_noises(case: Case, loop: str, sampler: str) -> torch.Tensor:
+    """Stored per-step noise of a stochastic loop: `input/<loop>_noises`, else the sampler's
+    `input/<sampler>_loop_noises` (entry k is the noise drawn at loop step k)."""
+    name = case.first(f"input/{loop}_noises", f"input/{sampler}_loop_noises")
+    if name is None:
+        pytest.fail(f"{case.name}: the stochastic loop {loop!r} has no stored per-step noise")
+    return case[name]
+
+
+def sampler_loop(case: Case, loop: str, model_fn: Callable, init: torch.Tensor) -> Iterator:
+    """The loop an output folder names: `<sampler>_loop` (ddpm or ddim) with options `eta<x>`
+    (η = x; a bare `eta` is the case's `ddim_eta`) and `clip` / `noclip`; DDIM defaults to η = 0,
+    both to clipping. Stochastic loops replay their stored noise."""
+    sampler, _, options = loop.partition("_loop")
+    eta, clip = 0.0, True
+    for option in filter(None, options.split("_")):
+        if option in ("clip", "noclip"):
+            clip = option == "clip"
+        elif option.startswith("eta") and sampler == "ddim":
+            eta = float(option[3:] or case.params["ddim_eta"])
+        else:
+            pytest.fail(f"{case.name}: unknown option {option!r} of the loop {loop!r}")
+    diff = case.diffusion(sampler)
+    if sampler == "ddpm":
+        noises = loop_noises(case, loop, sampler)
+        return samplers.ddpm_sample_progressive(
+            model_fn, diff, init, clip_denoised=clip, step_noises=noises
+        )
+    noises = loop_noises(case, loop, sampler) if eta > 0 else None
+    return samplers.ddim_sample_progressive(
+        model_fn, diff, init, eta=eta, clip_denoised=clip, step_noises=noises
+    )
+
+
+LOOP_OUTPUT = re.compile(r"output/((?:ddpm|ddim)_loop[^/]*)/samples")
+
+
 def check_samplers(case: Case) -> dict:
-    net = case.network("model")
-    model_fn = model_fn_for(net, None)
+    net, x = case.network("model"), case["input/x"]
+    model_fn = model_fn_for(net, case.labels(len(x)))
     ddpm, ddim = case.diffusion("ddpm"), case.diffusion("ddim")
-    x, noise, init = case["input/x"], case["input/step_noise"], case["input/init_noise"]
+    noise, init = case["input/step_noise"], case["input/init_noise"]
     t_step, t_ddim = case["input/t_step"], case["input/t_ddim_step"]
     eta = case.params["ddim_eta"]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         pmv = samplers.model_p_mean_variance(ddpm, model_fn, x, t_step)
-        out.update(_pmv("output/ddpm_step/p_mean_variance", pmv))
+        out.update(_pmv(case, "output/ddpm_step/p_mean_variance", pmv))
         s, p = samplers.ddpm_step(model_fn, ddpm, x, t_step, noise=noise)
-        out["output/ddpm_step/sample"], out["output/ddpm_step/pred_xstart"] = s, p
+        out.update(step_outputs(case, "output/ddpm_step", s, p))
         s, p = samplers.ddim_step(model_fn, ddim, x, t_ddim, eta=eta, noise=noise)
-        out["output/ddim_step_eta/sample"], out["output/ddim_step_eta/pred_xstart"] = s, p
+        out.update(step_outputs(case, "output/ddim_step_eta", s, p))
         s, p = samplers.ddim_reverse_step(model_fn, ddim, x, t_ddim)
-        out["output/ddim_reverse_step/sample"], out["output/ddim_reverse_step/pred_xstart"] = s, p
-    loops = {
-        "ddpm_loop": samplers.ddpm_sample_progressive(
-            model_fn, ddpm, init, step_noises=case["input/ddpm_loop_noises"]
-        ),
-        "ddim_loop_eta0_clip": samplers.ddim_sample_progressive(model_fn, ddim, init),
-        "ddim_loop_eta0_noclip": samplers.ddim_sample_progressive(
-            model_fn, ddim, init, clip_denoised=False
-        ),
-    }
-    if case.has("input/ddim_loop_noises"):
-        loops["ddim_loop_eta"] = samplers.ddim_sample_progressive(
-            model_fn, ddim, init, eta=eta, step_noises=case["input/ddim_loop_noises"]
-        )
-    for name, steps in loops.items():
-        out[f"output/{name}/samples"], out[f"output/{name}/pred_xstart"] = stack_loop(steps)
+        out.update(step_outputs(case, "output/ddim_reverse_step", s, p))
+    # Every loop the json lists (ancestral, DDIM with η = 0 or η > 0), from its folder's name.
+    loops = [m[1] for m in map(LOOP_OUTPUT.fullmatch, case.output_names()) if m]
+    for loop in loops:
+        out.update(loop_outputs(case, f"output/{loop}", sampler_loop(case, loop, model_fn, init)))
     return out
 
 
 def check_guidance(case: Case) -> dict:
     net, clf = case.network("model"), case.network("classifier")
-    y = case["input/y"]
+    y = case["input/y"]  # the guidance target; also the model's label if it is class-conditional
     model_fn = model_fn_for(net, y)
-    kwargs = {"y": y}
+    kwargs = {"y": y}  # model_kwargs: cond_fn always receives y
     p = case.params
     out = {}
     with torch.no_grad():
@@ -373,24 +455,21 @@ def check_guidance(case: Case) -> dict:
         loop = samplers.ddim_sample_progressive(
             model_fn, ddim, init, cond_fn=cond_fn, model_kwargs=kwargs
         )
-        prefix = f"output/guided_ddim_loop/{scale_name(scale)}"
-        out[f"{prefix}/samples"], out[f"{prefix}/pred_xstart"] = stack_loop(loop)
-        out[f"{prefix}/cond_fn_timesteps"] = torch.stack(seen_t)
-    cond_fn, seen_t, _ = recording(p["ddpm_loop_scale"])
-    loop = samplers.ddpm_sample_progressive(
-        model_fn, ddpm, init, cond_fn=cond_fn, model_kwargs=kwargs,
-        step_noises=case["input/ddpm_loop_noises"],
-    )  # fmt: skip
-    prefix = f"output/guided_ddpm_loop/{scale_name(p['ddpm_loop_scale'])}"
-    out[f"{prefix}/samples"], out[f"{prefix}/pred_xstart"] = stack_loop(loop)
-    out[f"{prefix}/cond_fn_timesteps"] = torch.stack(seen_t)
+        out.update(loop_outputs(case, f"output/guided_ddim_loop/{scale_name(scale)}", loop, seen_t))
+    for scale in p.get("ddpm_loop_scales", [p["ddpm_loop_scale"]]):
+        cond_fn, seen_t, _ = recording(scale)
+        loop = samplers.ddpm_sample_progressive(
+            model_fn, ddpm, init, cond_fn=cond_fn, model_kwargs=kwargs,
+            step_noises=loop_noises(case, "guided_ddpm_loop", "ddpm"),
+        )  # fmt: skip
+        out.update(loop_outputs(case, f"output/guided_ddpm_loop/{scale_name(scale)}", loop, seen_t))
     return out
 
 
 def check_image_preprocessing(case: Case) -> dict:
     out = {}
     for i, size in enumerate(case.params["target_sizes"]):
-        image = Image.fromarray(case.arrays[f"input/image_{i}"], mode="RGB")
+        image = Image.fromarray(case[f"input/image_{i}"].numpy(), mode="RGB")
         crop = data.center_crop_arr(image, size)
         out[f"output/center_crop_{i}"] = torch.from_numpy(np.array(crop))
         out[f"output/center_crop_{i}_chw_float"] = torch.from_numpy(data.to_chw_float(crop))
@@ -411,37 +490,51 @@ CHECKERS: dict[str, Callable[[Case], dict]] = {
 }
 
 
-def _case_paths() -> list[Path]:
+def _case_paths() -> list:
     root = golden_dir()
-    return sorted(root.glob("*.json")) if root.is_dir() else [root / "MISSING.json"]
+    if golden_problem(root) is not None:
+        return [pytest.param(root / "MISSING.json", id="golden-cases-missing")]
+    return sorted(root.glob("*.json"))
+
+
+def verify(case: Case, computed: dict[str, torch.Tensor]) -> None:
+    """Compare what a checker computed with the case: every listed output must be produced and
+    match at its tolerance; an `output/` array the json does not list and an `input/` array the
+    checker never read mean the case asks for something the checker does not do (debug arrays are
+    aids: compared where listed)."""
+    listed = case.meta["arrays"]
+    unchecked = sorted(set(case.output_names()) - set(computed))
+    assert not unchecked, f"{case.name}: outputs no checker produces: {unchecked}"
+    unlisted = sorted(n for n in computed if n not in listed and not n.startswith("debug/"))
+    assert not unlisted, f"{case.name}: produced arrays the json does not list: {unlisted}"
+    unread = sorted(n for n in case.arrays if n.startswith("input/") and n not in case.read)
+    assert not unread, f"{case.name}: inputs the checker never used: {unread}"
+    tolerances = case.meta.get("tolerances", {})
+    for name, actual in computed.items():
+        if name not in listed:
+            continue  # an unlisted debug tap
+        expected, actual = case[name], actual.detach()
+        if not expected.is_floating_point():
+            assert actual.dtype == expected.dtype, f"{case.name}: {name}: dtype {actual.dtype}"
+            assert torch.equal(actual, expected), f"{case.name}: {name} differs"
+            continue
+        tol = tolerances.get(name)
+        assert tol is not None, f"{case.name}: no tolerance for float output {name}"
+        torch.testing.assert_close(
+            actual.to(expected.dtype), expected, rtol=tol["rtol"], atol=tol["atol"],
+            msg=lambda m, name=name: f"{case.name}: {name}: {m}",
+        )  # fmt: skip
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("path", _case_paths(), ids=lambda p: p.stem)
 def test_golden(path: Path) -> None:
-    if not path.exists():
-        pytest.fail(f"golden folder {path.parent} not found: set ADM_GOLDEN_DIR")
-    case = Case(path)
+    problem = golden_problem(path.parent)
+    if problem is not None:
+        pytest.fail(problem)
+    case = Case.load(path)
     kind = case.meta["kind"]
     if kind not in CHECKERS:
         pytest.fail(f"unknown golden kind {kind!r} in {path.name}")
     torch.manual_seed(0)
-    computed = CHECKERS[kind](case)
-    unchecked = sorted(set(case.output_names()) - set(computed))
-    assert not unchecked, f"{path.stem}: outputs not produced by the checker: {unchecked}"
-    tolerances = case.meta.get("tolerances", {})
-    for name, actual in computed.items():
-        if name not in case.meta["arrays"]:
-            continue  # a by-product this fixture does not store (e.g. an extra loop output)
-        expected = case[name]
-        actual = actual.detach()
-        if not expected.is_floating_point():
-            assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}"
-            assert torch.equal(actual, expected), f"{path.stem}: {name} differs"
-            continue
-        tol = tolerances.get(name)
-        assert tol is not None, f"{path.stem}: no tolerance for float output {name}"
-        torch.testing.assert_close(
-            actual.to(expected.dtype), expected, rtol=tol["rtol"], atol=tol["atol"],
-            msg=lambda m, name=name: f"{path.stem}: {name}: {m}",
-        )  # fmt: skip
+    verify(case, CHECKERS[kind](case))

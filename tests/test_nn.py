@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adm.nets.nn import GroupNorm32, normalization, qkv_attention, timestep_embedding, zero_module
-from conftest import check_array, load_case
+from conftest import check_array, golden_cases, load_case
 
 
 def _einsum_attention(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tensor:
@@ -28,8 +28,9 @@ def _einsum_attention(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tens
 
 
 @pytest.mark.golden
-def test_primitives_match_reference(golden_root: Path) -> None:
-    meta, arrays = load_case(golden_root, "primitives")
+@pytest.mark.parametrize("case", golden_cases("primitives"))
+def test_primitives_match_reference(golden_root: Path, case: str) -> None:
+    meta, arrays = load_case(golden_root, case)
     assert meta["kind"] == "primitives"
     checked = set()
     t = arrays["input/timesteps"]

@@ -12,10 +12,8 @@ from adm.models import flags
 from adm.nets.unet import SuperResUNet, UNet, UNetConfig, upsample_low_res
 from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
-UNET_CASES = golden_cases(
-    "unet_forward", default=("unet_forward_a", "unet_forward_b", "unet_forward_c")
-)
-SUPERRES_CASES = golden_cases("superres", default=("superres",))
+UNET_CASES = golden_cases("unet_forward")
+SUPERRES_CASES = golden_cases("superres")
 
 
 def _build(spec: dict) -> torch.nn.Module:
