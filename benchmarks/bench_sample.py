@@ -19,7 +19,7 @@ import timing
 import torch
 
 from adm._util import runtime
-from adm.diffusion import guidance, samplers
+from adm.diffusion import guidance, samplers, solvers
 from adm.diffusion.gaussian import Diffusion
 from adm.generate.sample import sample_generator
 from adm.models import presets
@@ -68,7 +68,7 @@ def main() -> None:
         diff = Diffusion.from_config(
             dataclasses.replace(preset.diffusion, timestep_respacing=respacing)
         )
-        sampler = samplers.ddim_sample if sampler_name == "ddim" else samplers.dpm_solver_sample
+        sampler = samplers.ddim_sample if sampler_name == "ddim" else solvers.dpm_solver_sample
         results = {}
         for label, cond_fn in (
             ("none", None),
