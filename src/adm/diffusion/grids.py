@@ -9,7 +9,9 @@ grid unchanged. The names, for N steps:
 - `logsnr`: uniform in λ = log(ᾱ/(1−ᾱ)) from λ(T−1) to λ(0) (Lu et al. 2022, DPM-Solver).
 - `quadratic`: uniform in √t, i.e. quadratic in time (DPM-Solver's "time_quadratic").
 - `karras`: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ with ρ = 7 and
-  σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022, Eq. 5), from σ(T−1) to σ(0).
+  σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022, Eq. 5), from σ_max = min(80, σ(T−1)) — EDM's setting for
+  the ADM models; the cosine schedule's σ(T−1) is ~10⁴, where nothing is left of the image — to
+  σ_min = σ(0).
 - `trailing`: round(T − k·T/N) − 1, which starts exactly at T−1 (Lin et al. 2024, Table 2).
 
 Continuous targets (λ, √t, σ) are mapped to the *nearest* trained timestep (nearest in λ, √t or
@@ -32,13 +34,19 @@ from adm.diffusion.schedule import space_timesteps
 GridName = Literal["uniform", "ddim", "logsnr", "quadratic", "karras", "trailing"]
 GRIDS: tuple[str, ...] = get_args(GridName)
 KARRAS_RHO = 7.0
+KARRAS_SIGMA_MAX = 80.0  # Karras et al. 2022, Table 1 (their ADM / iDDPM sampling range)
 
 
 def timestep_grid(
-    name: str, steps: int, alphas_cumprod: Sequence[float] | np.ndarray, *, rho: float = KARRAS_RHO
+    name: str,
+    steps: int,
+    alphas_cumprod: Sequence[float] | np.ndarray,
+    *,
+    rho: float = KARRAS_RHO,
+    sigma_max: float = KARRAS_SIGMA_MAX,
 ) -> list[int]:
     """The grid `name` with `steps` original timesteps, largest first, for a schedule whose
-    un-respaced ᾱ table is `alphas_cumprod` (length T)."""
+    un-respaced ᾱ table is `alphas_cumprod` (length T). `rho` and `sigma_max` shape `karras`."""
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     num = len(ac)
     if name not in GRIDS:
@@ -63,7 +71,7 @@ def timestep_grid(
         targets = np.linspace(axis[-1], axis[0], steps)
     else:  # karras
         axis = 0.5 * (np.log1p(-ac) - np.log(ac))  # log σ(t), increasing in t
-        s_max, s_min = np.exp(axis[-1]), np.exp(axis[0])
+        s_max, s_min = min(np.exp(axis[-1]), sigma_max), np.exp(axis[0])
         ramp = np.linspace(0.0, 1.0, steps)
         sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
         targets = np.log(sigmas)
