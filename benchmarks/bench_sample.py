@@ -2,8 +2,13 @@
 
 Usage:
     python benchmarks/bench_sample.py                      # CPU: tiny preset, DDIM and DPM-Solver++
+    python benchmarks/bench_sample.py --solvers            # every sampler vs its network calls
     python benchmarks/bench_sample.py --device cuda --preset 256x256_diffusion \
         --classifier 256x256_classifier --precision bf16 --batch-size 8
+
+`--solvers` times each sampler of `adm.diffusion.registry` against the bare network calls it
+makes (NFE forwards, plus the classifier's forward and backward when guided), measured side by
+side: the ratio is the cost of the solver's own arithmetic per step (target: at most 1.05).
 
 Weights are random (speed does not depend on them). Each configuration runs --repeats times after
 one warm-up; repetitions more than 25% slower than the fastest are flagged as disturbed by other
@@ -19,7 +24,7 @@ import timing
 import torch
 
 from adm._util import runtime
-from adm.diffusion import guidance, samplers
+from adm.diffusion import guidance, registry, samplers, solvers
 from adm.diffusion.gaussian import Diffusion
 from adm.generate.sample import sample_generator
 from adm.models import presets
@@ -44,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--solvers", action="store_true", help="solver overhead per step")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, clf = _build(args.preset, device), _build(args.classifier, device)
@@ -63,12 +69,14 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"# {args.preset} + {args.classifier}, batch {n}, {args.steps} steps, {args.precision}")
     print(f"# device {device}, torch {torch.__version__}, {threads} CPU threads")
+    if args.solvers:
+        return solver_overhead(args, preset, model_fn, clf, noise, y, gens, device)
     print(f"{'sampler':10} {'guidance':10} {'s/batch':>8} {'img/s':>8}  repeats (s; * disturbed)")
     for sampler_name, respacing in (("ddim", f"ddim{args.steps}"), ("dpm++2m", str(args.steps))):
         diff = Diffusion.from_config(
             dataclasses.replace(preset.diffusion, timestep_respacing=respacing)
         )
-        sampler = samplers.ddim_sample if sampler_name == "ddim" else samplers.dpm_solver_sample
+        sampler = samplers.ddim_sample if sampler_name == "ddim" else solvers.dpm_solver_sample
         results = {}
         for label, cond_fn in (
             ("none", None),
@@ -84,6 +92,43 @@ def main() -> None:
             print(f"{sampler_name:10} {label:10} {mean:8.2f} {n / mean:8.2f}  {timed.describe()}")
         share = 1 - results["none"] / results["classifier"]
         print(f"{sampler_name:10} classifier share of guided time: {share:.0%}")
+
+
+def solver_overhead(args, preset, model_fn, clf, noise, y, gens, device) -> None:
+    """Each sampler against its bare network calls, both timed in this process, interleaved."""
+    import os
+
+    diff = Diffusion.from_config(preset.diffusion).grid("logsnr", args.steps)
+    times = diff.schedule.timestep_map.tolist()[::-1]
+    print(f"# load average {os.getloadavg()[0]:.2f} at start")
+    print(f"{'sampler':12} {'guidance':10} {'NFE':>4} {'sampler s':>9} {'calls s':>8} {'ratio':>6}")
+    for guided in (False, True):
+        cond_fn = guidance.classifier_cond_fn(clf, 1.0) if guided else None
+        for name in registry.SAMPLER_NAMES:
+            calls = registry.nfe(name, args.steps)
+
+            def bare(calls=calls, cond_fn=cond_fn):
+                with torch.no_grad():
+                    for k in range(calls):
+                        t = torch.full((len(noise),), times[k % len(times)], device=device)
+                        model_fn(noise, t, y=y)
+                        if cond_fn is not None:
+                            cond_fn(noise, t, y=y)
+
+            def run(name=name, cond_fn=cond_fn):
+                gen = [torch.Generator(device).manual_seed(int(g.initial_seed())) for g in gens]
+                registry.sample(name, model_fn, diff, noise, cond_fn=cond_fn,
+                                model_kwargs={"y": y}, generator=gen)  # fmt: skip
+
+            sampler_t, bare_t = [], []
+            for _ in range(args.repeats):  # interleaved, so both see the same load
+                sampler_t.append(timing.repeat(run, 1).best)
+                bare_t.append(timing.repeat(bare, 1).best)
+            ratio = min(sampler_t) / min(bare_t)
+            label = "classifier" if guided else "none"
+            print(f"{name:12} {label:10} {calls:4d} {min(sampler_t):9.3f} {min(bare_t):8.3f} "
+                  f"{ratio:6.3f}")  # fmt: skip
+    print(f"# load average {os.getloadavg()[0]:.2f} at end")
 
 
 if __name__ == "__main__":

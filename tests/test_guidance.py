@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adm.diffusion import guidance, samplers
+from adm.diffusion import guidance, samplers, solvers
 from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 
 
@@ -50,7 +50,7 @@ class TinyClassifier(torch.nn.Module):
 SAMPLERS = {
     "ddpm": lambda *a, **k: samplers.ddpm_sample(*a, **k),
     "ddim": lambda *a, **k: samplers.ddim_sample(*a, **k),
-    "dpm++2m": lambda *a, **k: samplers.dpm_solver_sample(*a, **k),
+    "dpm++2m": lambda *a, **k: solvers.dpm_solver_sample(*a, **k),
 }
 
 
@@ -82,7 +82,7 @@ def test_sampler_contract(name):
 def test_dpm_solver_first_order_is_ddim():
     net, diff = TinyEps(), diffusion("ddim20")
     noise = torch.randn(2, 3, 8, 8)
-    a = samplers.dpm_solver_sample(net, diff, noise, order=1)
+    a = solvers.dpm_solver_sample(net, diff, noise, order=1)
     b = samplers.ddim_sample(net, diff, noise)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -111,7 +111,7 @@ def test_dpm_solver_and_ddim_converge_to_the_exact_ode_solution():
     dpm_err, ddim_err = [], []
     for steps in (5, 10, 20, 40):
         d = diffusion(str(steps))
-        dpm = samplers.dpm_solver_sample(model_fn, d, noise, clip_denoised=False)
+        dpm = solvers.dpm_solver_sample(model_fn, d, noise, clip_denoised=False)
         ddim = samplers.ddim_sample(model_fn, d, noise, clip_denoised=False)
         dpm_err.append((dpm - exact).abs().max().item())
         ddim_err.append((ddim - exact).abs().max().item())

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from adm._util.atomic import atomic_path
 from adm.data import fashion_mnist
-from adm.diffusion import guidance, samplers
+from adm.diffusion import guidance, samplers, solvers
 from adm.diffusion.gaussian import Diffusion, draw_noise
 from adm.evaluation import metrics
 from adm.generate.sample import sample_generator, save_grid, to_uint8
@@ -110,7 +110,7 @@ def _sample(
             model_fn, diff, noise, eta=settings.eta, generator=gens, **kwargs
         )
     else:
-        images = samplers.dpm_solver_sample(model_fn, diff, noise, **kwargs)
+        images = solvers.dpm_solver_sample(model_fn, diff, noise, **kwargs)
     return to_uint8(images)[..., 0]
 
 

@@ -9,6 +9,7 @@ except the two loops that must call the network (`training_losses`, `calc_bpd_lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from adm.diffusion.grids import check_timesteps, timestep_grid
 from adm.diffusion.schedule import NoiseSchedule, ScheduleName
 
 MeanType = Literal["eps", "x0", "prev_x"]
@@ -70,6 +72,18 @@ class Diffusion:
     @property
     def num_steps(self) -> int:
         return self.schedule.num_steps
+
+    def with_timesteps(self, timesteps: Sequence[int]) -> Diffusion:
+        """This diffusion respaced to `timesteps` (original timesteps, strictly decreasing, e.g.
+        from `adm.diffusion.grids.timestep_grid`), whatever respacing it had before."""
+        base = self.schedule.original
+        kept = check_timesteps(timesteps, base.num_steps)
+        return dataclasses.replace(self, schedule=base.keep(kept))
+
+    def grid(self, name: str, steps: int) -> Diffusion:
+        """This diffusion on the named timestep grid (`adm.diffusion.grids`) with `steps` steps."""
+        base = self.schedule.original
+        return self.with_timesteps(timestep_grid(name, steps, base.alphas_cumprod))
 
 
 class PMeanVar(NamedTuple):

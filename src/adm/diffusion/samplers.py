@@ -1,12 +1,16 @@
 """Samplers: stateless loops over a `model_fn` (Ho et al. 2020 Alg. 2; Song et al. 2021, DDIM).
 
-Every sampler has one signature style: `sample(model_fn, diffusion, noise, *, cond_fn=None,
-generator=None, progress=False, ...)`. `model_fn(x_t, t, **model_kwargs)` always receives the
-*original* timesteps (respacing is data: `diffusion.schedule.timestep_map`). Classifier guidance
-enters as `cond_fn(x_t, t, **model_kwargs) -> scale · ∇ log p(y | x_t)`: ancestral sampling shifts
-the mean by Σ·g (Algorithm 1 of Dhariwal & Nichol 2021), DDIM shifts the noise prediction by
-−√(1−ᾱ)·g (Algorithm 2). Per-step noise comes from `step_noises[k]` (loop step k) when given,
-otherwise from `generator` (one generator per sample makes samples independent of batch size).
+Every sampler has one signature style: `sample(model_fn, diffusion, noise, *, timesteps=None,
+cond_fn=None, generator=None, progress=False, ...)`; `timesteps` (original timesteps, largest
+first, e.g. from `adm.diffusion.grids`) respaces the diffusion for this run. The fast solvers
+(DPM-Solver++, UniPC) are in `adm.diffusion.solvers`, the EDM samplers in `adm.diffusion.edm`,
+all of them by name in `adm.diffusion.registry`. `model_fn(x_t, t, **model_kwargs)` always
+receives the *original* timesteps (respacing is data: `diffusion.schedule.timestep_map`).
+Classifier guidance enters as `cond_fn(x_t, t, **model_kwargs) -> scale · ∇ log p(y | x_t)`:
+ancestral sampling shifts the mean by Σ·g (Algorithm 1 of Dhariwal & Nichol 2021), DDIM shifts the
+noise prediction by −√(1−ᾱ)·g (Algorithm 2). Per-step noise comes from `step_noises[k]` (loop step
+k) when given, otherwise from `generator` (one generator per sample makes samples independent of
+batch size).
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ def ddpm_sample_progressive(
     diff: Diffusion,
     noise: Tensor,
     *,
+    timesteps: Sequence[int] | None = None,
     cond_fn: CondFn | None = None,
     clip_denoised: bool = True,
     denoised_fn: DenoisedFn | None = None,
@@ -129,6 +134,8 @@ def ddpm_sample_progressive(
     progress: bool = False,
 ) -> Iterator[SampleStep]:
     """Ancestral sampling from x_T = `noise` [N, C, H, W], yielding every step (t = T'−1 … 0)."""
+    if timesteps is not None:
+        diff = diff.with_timesteps(timesteps)
 
     def step(x: Tensor, t: Tensor, noise_k: Tensor | None) -> tuple[Tensor, Tensor]:
         return ddpm_step(
@@ -193,6 +200,7 @@ def ddim_sample_progressive(
     diff: Diffusion,
     noise: Tensor,
     *,
+    timesteps: Sequence[int] | None = None,
     eta: float = 0.0,
     cond_fn: CondFn | None = None,
     clip_denoised: bool = True,
@@ -203,6 +211,8 @@ def ddim_sample_progressive(
     progress: bool = False,
 ) -> Iterator[SampleStep]:
     """DDIM sampling from x_T = `noise`, yielding every step (t = T'−1 … 0)."""
+    if timesteps is not None:
+        diff = diff.with_timesteps(timesteps)
 
     def step(x: Tensor, t: Tensor, noise_k: Tensor | None) -> tuple[Tensor, Tensor]:
         return ddim_step(
@@ -264,7 +274,7 @@ def ddim_reverse_sample(
     return x
 
 
-# ---- DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), on the discrete respaced schedule ---------
+# ---- shared by the samplers and solvers ----------------------------------------------------------
 
 
 def dynamic_threshold(pred_x0: Tensor, percentile: float = 0.995) -> Tensor:
@@ -274,66 +284,6 @@ def dynamic_threshold(pred_x0: Tensor, percentile: float = 0.995) -> Tensor:
     s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0)
     s = s.view(-1, *([1] * (pred_x0.dim() - 1))).to(pred_x0.dtype)
     return pred_x0.clamp(-s, s) / s
-
-
-def dpm_solver_sample_progressive(
-    model_fn: ModelFn,
-    diff: Diffusion,
-    noise: Tensor,
-    *,
-    order: int = 2,
-    cond_fn: CondFn | None = None,
-    clip_denoised: bool = True,
-    denoised_fn: DenoisedFn | None = None,
-    model_kwargs: dict | None = None,
-    progress: bool = False,
-) -> Iterator[SampleStep]:
-    """DPM-Solver++ (multistep, data prediction) from x_T = `noise` over the respaced steps.
-
-    With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ_t = log(α_t/σ_t) and h = λ_t − λ_s between consecutive
-    kept steps s > t: x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) D, where D is x0(s) at first order and
-    (1 + 1/2r) x0(s) − (1/2r) x0(s') with r = h_prev/h at second order (2M). The last step (t = 0)
-    returns x0, like DDIM. Classifier guidance enters as the noise shift of Algorithm 2 (x0 from
-    ε − √(1−ᾱ)·g); `order=1` is exactly DDIM with eta 0. Deterministic: no noise is drawn.
-    """
-    if order not in (1, 2):
-        raise ValueError(f"DPM-Solver++ order must be 1 or 2, got {order}")
-    kwargs = model_kwargs or {}
-    ac = diff.schedule.table("alphas_cumprod")
-    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
-    lam = torch.log(alpha) - torch.log(sigma)
-    x, prev_x0, prev_h = noise, None, None
-    for i in _steps(diff, progress, "DPM-Solver++"):
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            out = model_p_mean_variance(
-                diff, model_fn, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                model_kwargs=kwargs,
-            )  # fmt: skip
-            if cond_fn is not None:
-                out = condition_score(diff, cond_fn, out, x, t, kwargs)
-            x0 = out.pred_x0
-            if i == 0:
-                x = x0
-            else:
-                h = float(lam[i - 1] - lam[i])
-                d = x0
-                # second order except the final update into t = 0, whose λ step is much longer
-                # than the others (first order there is stabler: "lower order final")
-                if order == 2 and prev_x0 is not None and i > 1:
-                    r = prev_h / h
-                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-                # coefficients in float64 from the tables, like every other schedule quantity
-                ratio = float(sigma[i - 1] / sigma[i])
-                coef = float(alpha[i - 1] * -torch.expm1(lam[i] - lam[i - 1]))
-                x = ratio * x + coef * d
-                prev_x0, prev_h = x0, h
-        yield SampleStep(i, x, x0)
-
-
-def dpm_solver_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
-    """DPM-Solver++(2M) from x_T = `noise`; returns x_0. Keywords as the progressive variant."""
-    return _last(dpm_solver_sample_progressive(model_fn, diff, noise, **kwargs))
 
 
 def _loop(
@@ -346,14 +296,15 @@ def _loop(
 ) -> Iterator[SampleStep]:
     """Run `step(x, t, noise_k)` for t = T'−1 … 0 under no_grad, yielding every step."""
     x = noise
-    for k, i in enumerate(_steps(diff, progress, desc)):
+    for k, i in enumerate(steps_of(diff, progress, desc)):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         with torch.no_grad():
             x, pred_x0 = step(x, t, None if step_noises is None else step_noises[k])
         yield SampleStep(i, x, pred_x0)
 
 
-def _steps(diff: Diffusion, progress: bool, desc: str):
+def steps_of(diff: Diffusion, progress: bool, desc: str):
+    """Respaced indices T'−1 … 0, with a progress bar when asked."""
     steps = range(diff.num_steps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm

@@ -8,6 +8,7 @@ schedule whose `timestep_map` sends each respaced index back to its original tim
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -121,6 +122,7 @@ class NoiseSchedule:
     timestep_map: np.ndarray
     original_num_steps: int
     rescale_timesteps: bool = False
+    base: NoiseSchedule | None = field(default=None, repr=False)  # the un-respaced schedule
     alphas_cumprod: np.ndarray = field(init=False, repr=False)
     alphas_cumprod_prev: np.ndarray = field(init=False, repr=False)
     alphas_cumprod_next: np.ndarray = field(init=False, repr=False)
@@ -191,15 +193,24 @@ class NoiseSchedule:
         return cls(betas, np.arange(num_steps), num_steps, rescale_timesteps)
 
     def respace(self, respacing: str | list[int] | tuple[int, ...]) -> NoiseSchedule:
-        """Keep the timesteps chosen by `respacing` ("" = keep all) and re-derive the betas.
+        """Keep the timesteps chosen by `respacing` ("" = keep all) and re-derive the betas."""
+        if respacing == "":
+            self._check_original()
+            return self
+        return self.keep(space_timesteps(self.num_steps, respacing))
+
+    def keep(self, timesteps: Sequence[int]) -> NoiseSchedule:
+        """The schedule on these original timesteps (any order, distinct, in [0, T)).
 
         β'_k = 1 − ᾱ(kept_k) / ᾱ(kept_{k−1}), so ᾱ' equals ᾱ at every kept step.
         """
-        if self.num_steps != self.original_num_steps:
-            raise ValueError("respace the original schedule, not an already respaced one")
-        if respacing == "":
-            return self
-        kept = set(space_timesteps(self.num_steps, respacing))
+        self._check_original()
+        kept = set(int(t) for t in timesteps)
+        if len(kept) != len(timesteps) or not kept or not kept <= set(range(self.num_steps)):
+            raise ValueError(
+                f"timesteps to keep must be distinct and in [0, {self.num_steps - 1}], got "
+                f"{sorted(timesteps)[:8]}"
+            )
         betas, tmap, last = [], [], 1.0
         for i, ac in enumerate(self.alphas_cumprod):
             if i in kept:
@@ -207,8 +218,17 @@ class NoiseSchedule:
                 last = ac
                 tmap.append(i)
         return NoiseSchedule(
-            np.array(betas), np.array(tmap), self.original_num_steps, self.rescale_timesteps
+            np.array(betas), np.array(tmap), self.original_num_steps, self.rescale_timesteps, self
         )
+
+    def _check_original(self) -> None:
+        if self.num_steps != self.original_num_steps:
+            raise ValueError("respace the original schedule, not an already respaced one")
+
+    @property
+    def original(self) -> NoiseSchedule:
+        """The un-respaced schedule this one was respaced from (itself when not respaced)."""
+        return self.base if self.base is not None else self
 
     def table(self, name: str) -> torch.Tensor:
         """A table as a CPU tensor (float64; int64 for timestep_map), cached; also accepts the

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from adm._util import dist, runtime
 from adm._util.atomic import atomic_path
 from adm._util.runtime import Precision
-from adm.diffusion import guidance, samplers
+from adm.diffusion import guidance, samplers, solvers
 from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 
 SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
@@ -153,7 +153,7 @@ def sample_batch(run: Run, diff: Diffusion, indices: list[int], device: torch.de
         return samplers.ddpm_sample(model_fn, diff, noise, generator=gens, **common)
     if job.sampler == "ddim":
         return samplers.ddim_sample(model_fn, diff, noise, eta=job.eta, generator=gens, **common)
-    return samplers.dpm_solver_sample(model_fn, diff, noise, **common)
+    return solvers.dpm_solver_sample(model_fn, diff, noise, **common)
 
 
 def prepare_output(out_dir: Path, resume: bool, num_batches: int, record: dict) -> list[int]:
