@@ -11,7 +11,8 @@ import sys
 
 from adm import __version__
 from adm._util.atomic import atomic_path
-from adm._util.errors import UserError
+from adm._util.errors import UserError, os_error_text
+from adm.cli import checks
 from adm.cli import models as cli_models
 from adm.cli import sample as cli_sample
 
@@ -81,6 +82,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not 0 <= args.eta <= 1:
             raise UserError(f"--eta must be between 0 and 1, got {args.eta:g}")
         settings = dataclasses.replace(settings, eta=args.eta)
+    checks.writable_dir(args.out)
+    if args.retrain:
+        checks.writable_dir(args.work_dir, "work folder")
     try:
         weights = Path(args.weights) if args.weights else demo.WEIGHTS_DIR
         if args.retrain:
@@ -91,8 +95,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             Path(args.out), settings, weights_dir=weights, data_dir=args.data,
             device=torch.device(args.device), progress=not args.no_progress,
         )  # fmt: skip
-    except (DataError, ValueError, OSError) as err:
+    except (DataError, ValueError) as err:
         raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(os_error_text(err)) from None
     print(demo.table(result))
     print(f"\njudge test accuracy {result['judge_test_accuracy']:.1%}; {result['seconds']} s; "
           f"report: {Path(args.out) / 'report.md'}")  # fmt: skip
