@@ -1,12 +1,14 @@
 """`adm <command>`: parse arguments, resolve configs, make one library call.
 
 The only module that sees argparse. Each command is a `_cmd_<name>(args)` function registered in
-`_build_parser`; library code never receives an `argparse.Namespace`.
+`_build_parser`; library code never receives an `argparse.Namespace`. Building the parser imports
+no torch or numpy (the commands import them), so `adm --help` and `adm CMD --help` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from adm import __version__
@@ -309,13 +311,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.original_flags = rest
     if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except UserError as err:
         print(f"adm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `adm presets | head`: the reader left early; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
