@@ -214,9 +214,10 @@ def test_stats_bad_inputs_fail_in_one_line(files, capsys, tmp_path) -> None:
         ((tmp_path / "empty", tmp_path / "o.npz"), "no image files"),
         ((files["sample"], tmp_path / "no" / "o.npz"), "does not exist"),
         ((files["sample"], tmp_path), "is a folder"),
+        ((files["sample"], tmp_path / "o.npz", "--seed", "-1"), "--seed must be at least 0"),
     ]
-    for (source, out), message in cases:
-        code, _, err = _run(capsys, "stats", source, out, *weights)
+    for (source, out, *extra), message in cases:
+        code, _, err = _run(capsys, "stats", source, out, *extra, *weights)
         assert code == 2 and err.startswith("adm stats: error:") and message in err, err
     assert not (tmp_path / "o.npz").exists()
 

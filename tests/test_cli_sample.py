@@ -175,6 +175,8 @@ def test_nll_writes_bits_per_dim(ckpts, tmp_path, capsys):
         (("--batch-size", "-4"), "--batch-size must be at least 1, got -4"),
         (("--num-samples", "0"), "--num-samples must be at least 1, got 0"),
         (("--eta", "-0.5"), "--eta must be at least 0"),
+        (("--seed", "-1"), "--seed must be at least 0, got -1"),
+        (("--cfg-scale", "1", "--cfg-null-label", "10"), "--cfg-null-label 10 is out of range"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_sampling(ckpts, tmp_path, capsys, extra, message):

@@ -79,6 +79,7 @@ def test_missing_weights_and_bad_arguments_are_clear(tmp_path, capsys):
         (["--out", "/proc/adm/demo"], "cannot create output folder /proc/adm/demo: /proc does not"),
         (["--out", "BLOCKER"], "cannot create output folder BLOCKER: it is a file, not a folder"),
         (["--out", "o", "--retrain", "--work-dir", "BLOCKER/w"], "BLOCKER is a file, not a"),
+        (["--out", "o", "--seed", "-2"], "--seed must be at least 0, got -2"),
     ],
 )
 def test_output_folders_that_cannot_be_made_are_one_sentence(

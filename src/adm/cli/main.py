@@ -79,6 +79,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.per_class < 2:
         raise UserError("--per-class must be at least 2")
+    checks.at_least(args, {"seed": 0})
     settings = demo.DemoSettings(per_class=args.per_class, seed=args.seed)
     if args.eta is not None:
         if not 0 <= args.eta <= 1:
@@ -277,6 +278,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     if args.num_images < 0:
         raise UserError(f"--num-images must be >= 0, got {args.num_images}")
+    checks.at_least(args, {"seed": 0})
     try:
         source = batches.open_source(args.source)
         out = batches.check_output_path(args.out)

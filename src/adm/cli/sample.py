@@ -195,7 +195,7 @@ def _parse_classes(text: str) -> tuple[int, ...] | None:
 
 def _check_sampling_options(args: argparse.Namespace) -> None:
     """Counts and eta of `sample`/`upsample`, before any model loads."""
-    checks.at_least(args, {"num_samples": 1, "batch_size": 1})
+    checks.at_least(args, {"num_samples": 1, "batch_size": 1, "seed": 0})
     checks.in_range(args, "eta", 0.0)
 
 
@@ -238,6 +238,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 "--cfg-scale needs a class-conditional model (trained with label dropout)"
             )
         null_label = net.num_classes - 1 if args.cfg_null_label is None else args.cfg_null_label
+        if not 0 <= null_label < net.num_classes:
+            raise UserError(
+                f"--cfg-null-label {null_label} is out of range (0..{net.num_classes - 1})"
+            )
         if num_classes == net.num_classes:
             num_classes = net.num_classes - 1  # the null label is not a class to sample
     if classes and num_classes is None:
@@ -343,7 +347,7 @@ def _cmd_nll(args: argparse.Namespace) -> int:
     from adm._util.atomic import atomic_path
     from adm.diffusion.gaussian import Diffusion, calc_bpd_loop
 
-    checks.at_least(args, {"num_samples": 1, "batch_size": 1})
+    checks.at_least(args, {"num_samples": 1, "batch_size": 1, "seed": 0})
     checks.writable_dir(args.out)
     device = _device(args.device)
     model, preset = _load(args, device)

@@ -185,7 +185,7 @@ def _check_options(args: argparse.Namespace) -> None:
     checks.at_least(args, {
         "steps": 1, "batch_size": 1, "log_interval": 1, "save_interval": 1, "eval_interval": 1,
         "keep": 1, "max_nonfinite": 1, "workers": 0, "eval_size": 1, "num_samples": 1,
-        "sample_interval": 0,
+        "sample_interval": 0, "seed": 0,
     })  # fmt: skip
     if args.microbatch is not None and args.microbatch != -1 and args.microbatch < 1:
         raise UserError(f"--microbatch must be at least 1 (or -1: all), got {args.microbatch}")
