@@ -181,6 +181,29 @@ def test_load_by_preset_name_from_the_cache(
         load_model("tiny_clasifier")
 
 
+def test_names_resolve_to_a_file_then_the_bundled_weights_then_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    bundled = checkpoint.BUNDLED_DIR / "fmnist_judge.safetensors"
+    assert checkpoint.bundled_names() == ("fmnist_classifier", "fmnist_diffusion", "fmnist_judge")
+    (tmp_path / "cache").mkdir()
+    judge = random_model("fmnist_judge")
+    torch.save(judge.state_dict(), tmp_path / "cache" / "fmnist_judge.pt")
+    assert checkpoint.resolve_checkpoint("fmnist_judge") == bundled  # bundled before the cache
+    assert checkpoint.resolve_checkpoint("fmnist_judge.safetensors") == bundled
+    model, preset = load_model("fmnist_judge")
+    assert preset.name == "fmnist_judge" and model.config == preset.network
+    torch.save(judge.state_dict(), tmp_path / "fmnist_judge")  # an existing file comes first
+    assert checkpoint.resolve_checkpoint("fmnist_judge") == Path("fmnist_judge")
+    assert fetch("fmnist_classifier", tmp_path / "cache") == checkpoint.bundled_path(
+        "fmnist_classifier"
+    )
+    with pytest.raises(CheckpointError, match=r"none bundled with adm \(bundled: fmnist_"):
+        checkpoint.resolve_checkpoint("tiny_upsampler")
+
+
 def test_explicit_preset_that_does_not_fit(tmp_path: Path) -> None:
     torch.save(random_model("tiny_classifier").state_dict(), tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="does not fit preset 'tiny_diffusion'"):

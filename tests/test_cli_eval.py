@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,33 @@ def test_eval_bad_inputs_fail_in_one_line(files, capsys, tmp_path, case, message
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("notes.pth", b"download the weights from github\n", "a text file starting 'download"),
+        ("noise.pth", bytes([7, 255, 13, 200]) * 256, "unrecognised binary data"),
+        ("objects.pkl", pickle.dumps({"weights": [1.0, 2.0]}, protocol=4), "refused"),
+        ("model.pt", None, "entry 'step' is a int, not a tensor"),
+        ("page.pth", b"<!DOCTYPE html><html>Not Found</html>", "an HTML/XML page"),
+    ],
+)
+def test_inception_weights_that_are_not_a_checkpoint_get_our_message(
+    files, capsys, tmp_path, name, content, message
+) -> None:
+    path = tmp_path / name
+    if content is None:
+        torch.save({"weight": torch.zeros(2), "step": 3}, path)
+    else:
+        path.write_bytes(content)
+    before = sorted(os.listdir(tmp_path))
+    for argv in (["eval", files["ref"], files["sample"]], ["stats", files["folder"], "o.npz"]):
+        code, out, err = _run(capsys, *argv, "--inception-weights", path)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert f"cannot read Inception weights: {path}: " in err and message in err, err
+        assert "weights_only" not in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_stats_bad_inputs_fail_in_one_line(files, capsys, tmp_path) -> None:
     weights = ["--inception-weights", files["weights"]]
     mixed = tmp_path / "mixed"
@@ -248,9 +276,10 @@ def test_stats_bad_inputs_fail_in_one_line(files, capsys, tmp_path) -> None:
         ((tmp_path / "empty", tmp_path / "o.npz"), "no image files"),
         ((files["sample"], tmp_path / "no" / "o.npz"), "does not exist"),
         ((files["sample"], tmp_path), "is a folder"),
+        ((files["sample"], tmp_path / "o.npz", "--seed", "-1"), "--seed must be at least 0"),
     ]
-    for (source, out), message in cases:
-        code, _, err = _run(capsys, "stats", source, out, *weights)
+    for (source, out, *extra), message in cases:
+        code, _, err = _run(capsys, "stats", source, out, *extra, *weights)
         assert code == 2 and err.startswith("adm stats: error:") and message in err, err
     assert not (tmp_path / "o.npz").exists()
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from adm._util.errors import os_error_text
 from adm.cli.main import main
-from adm.models.checkpoint import load_state_dict, read_preset
+from adm.models.checkpoint import BUNDLED_DIR, load_state_dict, read_preset
 from adm.models.presets import RELEASED, build_model, get_preset
 from loopback_http import Served, serve
 
@@ -89,12 +90,76 @@ def test_convert_round_trip_and_info(capsys, tmp_path: Path, tiny_pt: Path) -> N
         (["convert", "a.pt", "b.bin"], "must end in .safetensors or .pt"),
         (["fetch", "stable_diffusion"], "unknown preset"),
         (["fetch", "tiny_diffusion"], "no released weights"),
+        (
+            ["fetch", "64x64_classifier", "--cache-dir", "/proc/adm/cache"],
+            "cannot create cache folder /proc/adm/cache: /proc does not accept new files",
+        ),
+        (
+            ["convert", "fmnist_judge.safetensors", "/proc/adm/judge.pt"],
+            "cannot create output folder /proc/adm: /proc does not accept new files",
+        ),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(capsys, argv: list[str], message: str) -> None:
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert message in err and err.count("\n") == 1
+
+
+def test_info_of_a_bundled_name_describes_its_file(capsys) -> None:
+    code, out, _ = run(capsys, "info", "fmnist_diffusion")
+    assert code == 0
+    assert str(BUNDLED_DIR / "fmnist_diffusion.safetensors") + " (bundled with adm)" in out
+    assert "adm metadata" in out and "1,370,242" in out and "weights bundled with adm" in out
+    code, out, _ = run(capsys, "info", "fmnist_judge", "--json")
+    assert json.loads(out)["preset"]["name"] == "fmnist_judge"
+
+
+def test_presets_say_which_weights_are_bundled(capsys) -> None:
+    code, out, _ = run(capsys, "presets")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert [rows[n][4] for n in ("fmnist_diffusion", "fmnist_classifier", "fmnist_judge")] == [
+        "bundled"
+    ] * 3
+    assert rows["256x256_diffusion"][4] == "released" and rows["tiny_diffusion"][4] == "none"
+    assert code == 0
+    code, out, _ = run(capsys, "presets", "--json")
+    assert code == 0
+    weights = {n: p["weights"] for n, p in json.loads(out).items()}
+    assert weights["fmnist_judge"] == "bundled" and weights["64_256_upsampler"] == "released"
+
+
+def test_fetch_of_a_bundled_name_points_at_the_file(capsys, tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "fetch", "fmnist_judge", "--cache-dir", str(tmp_path / "c"))
+    assert code == 0 and "nothing to download" in out
+    assert str(BUNDLED_DIR / "fmnist_judge.safetensors") in out
+    assert not (tmp_path / "c").exists()
+
+
+def test_output_folders_that_cannot_be_made_are_one_sentence(capsys, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["convert", "fmnist_judge", str(blocker / "judge.pt")], "a_file: it is a file, not a"),
+        (["fetch", "64x64_classifier", "--cache-dir", str(blocker)], "it is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert "Errno" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_os_errors_read_as_sentences(capsys, tmp_path: Path) -> None:
+    assert os_error_text(PermissionError(13, "Permission denied", "/data/x")) == (
+        "/data/x: permission denied"
+    )
+    renamed = IsADirectoryError(21, "Is a directory", "/tmp/.x.tmp", None, "/out/x.pt")
+    assert os_error_text(renamed) == "/out/x.pt: is a folder, not a file"
+    assert os_error_text(OSError("no errno")) == "no errno"
+    (tmp_path / "x.pt").mkdir()
+    code, _, err = run(capsys, "convert", "fmnist_judge", str(tmp_path / "x.pt"), "--force")
+    assert code == 2 and "is a folder: OUT must be a file name" in err
 
 
 def test_info_and_convert_report_bad_files(capsys, tmp_path: Path) -> None:

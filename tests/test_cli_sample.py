@@ -171,6 +171,12 @@ def test_nll_writes_bits_per_dim(ckpts, tmp_path, capsys):
         (("--steps", "ddim600"), "no integer stride"),
         (("--out", "/proc/forbidden/run"), "cannot write to output folder"),
         (("--checkpoint", "missing.pt"), "no such file"),
+        (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+        (("--batch-size", "-4"), "--batch-size must be at least 1, got -4"),
+        (("--num-samples", "0"), "--num-samples must be at least 1, got 0"),
+        (("--eta", "-0.5"), "--eta must be at least 0"),
+        (("--seed", "-1"), "--seed must be at least 0, got -1"),
+        (("--cfg-scale", "1", "--cfg-null-label", "10"), "--cfg-null-label 10 is out of range"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_sampling(ckpts, tmp_path, capsys, extra, message):
@@ -191,3 +197,55 @@ def test_upsample_rejects_a_base_of_the_wrong_size(ckpts, tmp_path, capsys):
     rc = cli.main(["upsample", "--checkpoint", str(ckpts["upsampler"]), "--base", str(base),
                    "--out", str(tmp_path / "o")])  # fmt: skip
     assert rc == 2 and "upsamples 16x16x3 images" in capsys.readouterr().err
+
+
+def test_bundled_names_sample_with_classifier_guidance(tmp_path):
+    """The demo's models ship inside adm: their names work like files, no download."""
+    out = tmp_path / "fmnist"
+    argv = ["sample", "--checkpoint", "fmnist_diffusion", "--classifier", "fmnist_classifier",
+            "--classifier-scale", "2", "--num-samples", "2", "--steps", "5", "--classes", "3,7",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    rc = cli.main(argv)
+    assert rc == 0
+    data = np.load(out / "samples_2x28x28x1.npz")
+    assert data["arr_0"].shape == (2, 28, 28, 1) and data["arr_1"].tolist() == [3, 7]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model"] == "fmnist_diffusion" and settings["classifier"] == "fmnist_classifier"
+
+
+def test_classes_on_an_unconditional_model_need_a_classifier(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["sample", "--checkpoint", "fmnist_diffusion", "--classes", "1,2",
+                   "--num-samples", "2", "--steps", "5", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "fmnist_diffusion is unconditional" in err and "--classifier" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "message"),
+    [
+        ("fmnist_diffusion", "not an upsampler (released upsamplers: 64_256_upsampler"),
+        ("tiny_upsampler", "no released weights and none bundled with adm"),
+    ],
+)
+def test_upsample_names_say_which_upsamplers_exist(tmp_path, capsys, checkpoint, message):
+    base = tmp_path / "base.npz"
+    np.savez(base, np.zeros((2, 16, 16, 3), np.uint8))
+    rc = cli.main(["upsample", "--checkpoint", checkpoint, "--base", str(base),
+                   "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra", [("--batch-size", "0"), ("--num-samples", "-1")])
+def test_nll_rejects_counts_below_one(ckpts, tmp_path, capsys, extra):
+    data = tmp_path / "d.npz"
+    np.savez(data, np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]))
+    rc = cli.main(["nll", "--checkpoint", str(ckpts["model"]), "--data", str(data),
+                   "--out", str(tmp_path / "o"), *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{extra[0]} must be at least 1" in err
+    assert not (tmp_path / "o").exists()

@@ -73,6 +73,26 @@ def test_missing_weights_and_bad_arguments_are_clear(tmp_path, capsys):
     assert not work.exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--out", "/proc/adm/demo"], "cannot create output folder /proc/adm/demo: /proc does not"),
+        (["--out", "BLOCKER"], "cannot create output folder BLOCKER: it is a file, not a folder"),
+        (["--out", "o", "--retrain", "--work-dir", "BLOCKER/w"], "BLOCKER is a file, not a"),
+        (["--out", "o", "--seed", "-2"], "--seed must be at least 0, got -2"),
+    ],
+)
+def test_output_folders_that_cannot_be_made_are_one_sentence(
+    tmp_path, capsys, monkeypatch, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BLOCKER").write_text("x")
+    assert cli.main(["demo", "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adm demo: error: ") and message in err and err.count("\n") == 1
+    assert "Errno" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["BLOCKER"]
+
+
 def test_cli_help_states_the_demo_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])

@@ -152,3 +152,44 @@ def test_extending_an_annealed_run_says_what_the_lr_does(tmp_path: Path, capsys)
     with open(tmp_path / "run" / "log.csv", newline="") as f:
         lrs = [float(row["lr"]) for row in csv.DictReader(f)]
     assert lrs == pytest.approx([1e-3, 5e-4, 2e-3 / 3, 5e-4, 1e-3 / 3, 1e-3 / 6], rel=1e-5)
+
+
+_PRESETS = {"train": "tiny_diffusion", "train-classifier": "tiny_classifier",
+            "train-superres": "tiny_upsampler"}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(_PRESETS))
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
+        (["--batch_size", "0"], "--batch-size must be at least 1, got 0"),  # the original's flag
+        (["--batch_size", "two"], "--batch_size 'two': expected a number"),
+        (["--microbatch", "0"], "--microbatch must be at least 1 (or -1: all), got 0"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--save-interval", "0"], "--save-interval must be at least 1, got 0"),
+        (["--log-interval", "-1"], "--log-interval must be at least 1, got -1"),
+        (["--keep", "0"], "--keep must be at least 1, got 0"),
+        (["--workers", "-1"], "--workers must be at least 0, got -1"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--ema-rate", "fast"], "--ema-rate 'fast': expected rates like"),
+        (["--out", "/proc/adm/run"], "cannot create run folder /proc/adm/run: /proc does not"),
+        (["--out", "BLOCKER"], "cannot create run folder BLOCKER: it is a file, not a folder"),
+        (["--out", "BLOCKER/run"], "cannot create run folder BLOCKER/run: BLOCKER is a file"),
+    ],
+)
+def test_bad_counts_and_run_folders_are_one_line_before_any_work(
+    tmp_path: Path, capsys, monkeypatch, command: str, extra: list[str], message: str
+) -> None:
+    data = _folder(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    Path("BLOCKER").write_text("a file where a folder should be")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = [command, "--preset", _PRESETS[command], "--data", str(data), "--out", "run",
+            "--steps", "1", "--no-progress", *extra]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"adm {command}: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Errno" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created

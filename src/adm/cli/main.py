@@ -1,17 +1,20 @@
 """`adm <command>`: parse arguments, resolve configs, make one library call.
 
 The only module that sees argparse. Each command is a `_cmd_<name>(args)` function registered in
-`_build_parser`; library code never receives an `argparse.Namespace`.
+`_build_parser`; library code never receives an `argparse.Namespace`. Building the parser imports
+no torch or numpy (the commands import them), so `adm --help` and `adm CMD --help` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from adm import __version__
 from adm._util.atomic import atomic_path
-from adm._util.errors import UserError
+from adm._util.errors import UserError, os_error_text
+from adm.cli import checks
 from adm.cli import models as cli_models
 from adm.cli import sample as cli_sample
 
@@ -76,11 +79,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.per_class < 2:
         raise UserError("--per-class must be at least 2")
+    checks.at_least(args, {"seed": 0})
     settings = demo.DemoSettings(per_class=args.per_class, seed=args.seed)
     if args.eta is not None:
         if not 0 <= args.eta <= 1:
             raise UserError(f"--eta must be between 0 and 1, got {args.eta:g}")
         settings = dataclasses.replace(settings, eta=args.eta)
+    checks.writable_dir(args.out)
+    if args.retrain:
+        checks.writable_dir(args.work_dir, "work folder")
     try:
         weights = Path(args.weights) if args.weights else demo.WEIGHTS_DIR
         if args.retrain:
@@ -91,8 +98,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             Path(args.out), settings, weights_dir=weights, data_dir=args.data,
             device=torch.device(args.device), progress=not args.no_progress,
         )  # fmt: skip
-    except (DataError, ValueError, OSError) as err:
+    except (DataError, ValueError) as err:
         raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(os_error_text(err)) from None
     print(demo.table(result))
     print(f"\njudge test accuracy {result['judge_test_accuracy']:.1%}; {result['seconds']} s; "
           f"report: {Path(args.out) / 'report.md'}")  # fmt: skip
@@ -282,6 +291,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     if args.num_images < 0:
         raise UserError(f"--num-images must be >= 0, got {args.num_images}")
+    checks.at_least(args, {"seed": 0})
     try:
         source = batches.open_source(args.source)
         out = batches.check_output_path(args.out)
@@ -317,13 +327,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.original_flags = rest
     if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except UserError as err:
         print(f"adm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `adm presets | head`: the reader left early; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

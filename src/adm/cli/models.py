@@ -13,7 +13,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from adm._util.errors import UserError
+from adm._util.errors import UserError, os_error_text
+from adm.cli import checks
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +27,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _add_presets_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "presets",
-        help="list the released models (and tiny test presets) with sizes and recipes",
+        help="list the released, bundled and tiny presets: sizes, recipes, where weights come from",
         description="Every released checkpoint of the paper, keyed by its file stem, with exact "
-        "parameter counts, the paper's FID and the README's sampling recipe.",
+        "parameter counts, the paper's FID and the README's sampling recipe; and where each "
+        "preset's weights come from: released (adm fetch NAME downloads them), bundled (inside "
+        "adm: pass the name, e.g. adm sample --checkpoint fmnist_diffusion) or none (tiny test "
+        "presets: random weights with --preset NAME).",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_presets)
@@ -39,22 +43,39 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
     if args.json:
         out = {
-            n: {**preset_to_dict(p), "num_parameters": p.num_parameters} for n, p in PRESETS.items()
+            n: {**preset_to_dict(p), "num_parameters": p.num_parameters, "weights": _weights(p)}
+            for n, p in PRESETS.items()
         }
         print(json.dumps(out, indent=2))
         return 0
-    rows = [("name", "kind", "resolution", "parameters", "paper FID", "recommended sampling")]
+    rows = [("name", "kind", "resolution", "parameters", "weights", "paper FID",
+             "recommended sampling")]  # fmt: skip
     for p in PRESETS.values():
         fid = f"{p.paper_fid:.2f}" if p.paper_fid is not None else "-"
         sampling = "-" if p.kind == "classifier" else _recipe(p)
-        rows.append((p.name, p.kind, _resolution(p), f"{p.num_parameters:,}", fid, sampling))
+        rows.append((p.name, p.kind, _resolution(p), f"{p.num_parameters:,}", _weights(p), fid,
+                     sampling))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
-        print("  ".join(c.rjust(w) if j in (3, 4) else c.ljust(w) for j, (c, w) in
+        print("  ".join(c.rjust(w) if j in (3, 5) else c.ljust(w) for j, (c, w) in
                         enumerate(zip(row, widths, strict=True))).rstrip())  # fmt: skip
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    print(
+        "\nweights: released = `adm fetch NAME` downloads them; bundled = inside adm, use the name "
+        "(adm sample --checkpoint fmnist_diffusion --classifier fmnist_classifier, adm info "
+        "fmnist_judge); none = random weights with --preset NAME (tests, smoke runs)"
+    )
     return 0
+
+
+def _weights(preset) -> str:
+    """Where a preset's weights come from: "released", "bundled" or "none"."""
+    from adm.models.checkpoint import bundled_path
+
+    if preset.url:
+        return "released"
+    return "bundled" if bundled_path(preset.name) else "none"
 
 
 def _resolution(preset) -> str:
@@ -79,7 +100,8 @@ def _add_info_command(sub: argparse._SubParsersAction) -> None:
         "parameter count and the dtype. --set and the original's flags show the effect of "
         "overrides, e.g. `adm info 256x256_diffusion --set unet.dropout=0.1`.",
     )
-    p.add_argument("target", metavar="PRESET_OR_CKPT", help="preset name or .pt/.safetensors file")
+    p.add_argument("target", metavar="PRESET_OR_CKPT", help="preset name or .pt/.safetensors "
+                   "file; a bundled name (fmnist_judge) describes its bundled file")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info, accepts_original_flags=True)
@@ -90,6 +112,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from adm.models.overrides import apply_overrides
 
     path = Path(args.target)
+    bundled = None if path.is_file() else checkpoint.bundled_path(args.target)
+    path = bundled or path
     file_info: dict[str, object] = {}
     try:
         if path.is_file():
@@ -105,7 +129,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state_dict.values())
             mixed = len(dtypes) > 1
             file_info = {
-                "file": str(path),
+                "file": str(path) + (" (bundled with adm)" if bundled else ""),
                 "preset_source": source,
                 "num_tensors": len(state_dict),
                 "dtype": ", ".join(f"{d} ({n} tensors)" if mixed else d for d, n in dtypes.items()),
@@ -133,7 +157,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         *[(k.replace("_", " "), str(v)) for k, v in file_info.items()],
         ("parameters", f"{params:,}"),
         ("paper FID", "-" if preset.paper_fid is None else f"{preset.paper_fid:.2f}"),
-        ("url", preset.url or "- (not released)"),
+        ("url", preset.url or _unreleased(preset)),
     ]
     if preset.kind != "classifier":
         lines.append(("sampling", _recipe(preset)))
@@ -145,6 +169,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(config):
             print(f"  {f.name:<24} {getattr(config, f.name)!r}")
     return 0
+
+
+def _unreleased(preset) -> str:
+    if _weights(preset) == "bundled":
+        return "- (not released; weights bundled with adm)"
+    return "- (not released; random weights with --preset)"
 
 
 def _add_convert_command(sub: argparse._SubParsersAction) -> None:
@@ -172,15 +202,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if dst.suffix not in (".pt", ".safetensors"):
         raise UserError(f"{dst}: OUT must end in .safetensors or .pt")
+    if dst.is_dir():
+        raise UserError(f"{dst} is a folder: OUT must be a file name ending in .safetensors or .pt")
     if dst.exists() and not args.force:
         raise UserError(f"{dst} exists; pass --force to overwrite it")
     if dst.resolve() == src.resolve():
         raise UserError("IN and OUT are the same file")
+    checks.writable_dir(dst.parent)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     try:
         preset = checkpoint.convert(src, dst, preset=args.preset, dtype=dtype)
-    except (ValueError, OSError) as err:
+    except ValueError as err:
         raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(os_error_text(err)) from None
     print(f"wrote {dst} ({preset.name}, {dst.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -201,18 +236,24 @@ def _add_fetch_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
+    from adm.models.checkpoint import BUNDLED_DIR, bundled_path, default_cache_dir
     from adm.models.fetch import fetch
     from adm.models.presets import RELEASED
 
     names = list(RELEASED) if args.names == ["all"] else args.names
     if args.url and len(names) != 1:
         raise UserError("--url needs exactly one NAME")
+    if not all(bundled_path(n) for n in names):
+        checks.writable_dir(args.cache_dir or default_cache_dir(), "cache folder")
     for name in names:
         try:
             path = fetch(
                 name, cache_dir=args.cache_dir, url=args.url, progress=not args.no_progress
             )
-        except (ValueError, OSError) as err:
+        except ValueError as err:
             raise UserError(str(err)) from None
-        print(f"{name}: {path}")
+        except OSError as err:
+            raise UserError(os_error_text(err)) from None
+        bundled = " (bundled with adm: nothing to download)" if path.parent == BUNDLED_DIR else ""
+        print(f"{name}: {path}{bundled}")
     return 0

@@ -3,7 +3,7 @@
 Resolves the model (checkpoint with its preset auto-detected, or a preset), the classifier and the
 settings, checks every input before any sampling starts, then makes one call into
 `adm.generate.sample` (or `adm.diffusion.gaussian.calc_bpd_loop` for `nll`). Registered by
-`adm.cli.main`.
+`adm.cli.main`. torch and numpy are imported inside the commands, so that `--help` is instant.
 """
 
 from __future__ import annotations
@@ -14,17 +14,22 @@ import json
 import os
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from adm._util.errors import UserError
+from adm.cli import checks
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 SAMPLE_EXAMPLES = """examples:
   adm sample --checkpoint 256x256_diffusion.pt --classifier 256x256_classifier.pt \\
       --classifier-scale 1.0 --steps 250 --sampler ddpm --num-samples 100 --out runs/256
   adm sample --checkpoint 128x128_diffusion --classifier 128x128_classifier \\
       --classifier-scale 1.0 --sampler ddim --steps ddim25 --precision bf16
+  adm sample --checkpoint fmnist_diffusion --classifier fmnist_classifier \
+      --classes 0,7,9 --num-samples 9 --out runs/fmnist     (bundled with adm: no download)
   adm sample --preset tiny_diffusion --sampler dpm++2m --steps 10 --classes 1,2,3
   torchrun --nproc_per_node 8 -m adm.cli.main sample --checkpoint 64x64_diffusion.pt ...
 """
@@ -43,7 +48,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_options(p)
-    p.add_argument("--classifier", help="noisy classifier checkpoint or released preset name")
+    p.add_argument("--classifier", help="noisy classifier: a checkpoint file, a bundled name "
+                   "(fmnist_classifier) or a released name (cached by adm fetch)")  # fmt: skip
     p.add_argument("--classifier-scale", type=float, help="guidance scale s (default: preset's)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight w")
     p.add_argument("--cfg-null-label", type=int, help="null label (default: last class index)")
@@ -84,7 +90,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help=".pt/.safetensors file or a released name (cached)")
+    g.add_argument("--checkpoint", help=".pt/.safetensors file, a bundled name (fmnist_diffusion) "
+                   "or a released name (cached by adm fetch)")  # fmt: skip
     g.add_argument("--preset", help="build a preset with random weights (tests, smoke runs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a preset field, e.g. --set diffusion.steps=4000")  # fmt: skip
@@ -111,6 +118,8 @@ def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) 
 
 def _load(args: argparse.Namespace, device: torch.device):
     """(model, preset) from --checkpoint or --preset, with --set / original flags applied."""
+    import torch
+
     from adm.models import checkpoint, presets
     from adm.models.overrides import apply_overrides
 
@@ -136,6 +145,8 @@ def _load(args: argparse.Namespace, device: torch.device):
 
 
 def _device(name: str | None) -> torch.device:
+    import torch
+
     from adm._util.dist import pick_device
 
     try:  # under torchrun each process takes its own GPU (LOCAL_RANK)
@@ -154,13 +165,14 @@ def _job(args, preset, device, classes=None, classifier_scale=0.0, cfg=None):
     sampler = args.sampler or s.sampler
     steps = args.steps or (s.steps if sampler != "dpm++2m" else "25")
     precision = args.precision or (s.precision if device.type == "cuda" else "fp32")
+    batch_size = s.batch_size if args.batch_size is None else args.batch_size
     try:
         from adm.diffusion.schedule import space_timesteps
 
         space_timesteps(preset.diffusion.steps, steps)
         return SampleJob(
             sampler=sampler, steps=steps, num_samples=args.num_samples,
-            batch_size=args.batch_size or s.batch_size, classes=classes, seed=args.seed,
+            batch_size=batch_size, classes=classes, seed=args.seed,
             classifier_scale=classifier_scale, cfg_scale=cfg, eta=args.eta,
             clip_denoised=not args.no_clip, precision=precision,
             save_pngs=args.save_pngs,
@@ -181,17 +193,24 @@ def _parse_classes(text: str) -> tuple[int, ...] | None:
     return classes
 
 
+def _check_sampling_options(args: argparse.Namespace) -> None:
+    """Counts and eta of `sample`/`upsample`, before any model loads."""
+    checks.at_least(args, {"num_samples": 1, "batch_size": 1, "seed": 0})
+    checks.in_range(args, "eta", 0.0)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from adm.generate.sample import Run
     from adm.models import checkpoint
 
+    _check_sampling_options(args)
+    classes = _parse_classes(args.classes)
     device = _device(args.device)
     model, preset = _load(args, device)
     if preset.kind != "diffusion":
         hint = " (use adm upsample)" if preset.kind == "superres" else ""
         raise UserError(f"{preset.name} is a {preset.kind} model, not a diffusion model{hint}")
     net = preset.network
-    classes = _parse_classes(args.classes)
     classifier, scale = None, args.classifier_scale
     if args.classifier:
         try:
@@ -219,8 +238,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 "--cfg-scale needs a class-conditional model (trained with label dropout)"
             )
         null_label = net.num_classes - 1 if args.cfg_null_label is None else args.cfg_null_label
+        if not 0 <= null_label < net.num_classes:
+            raise UserError(
+                f"--cfg-null-label {null_label} is out of range (0..{net.num_classes - 1})"
+            )
         if num_classes == net.num_classes:
             num_classes = net.num_classes - 1  # the null label is not a class to sample
+    if classes and num_classes is None:
+        raise UserError(
+            f"--classes: {preset.name} is unconditional and there is no --classifier to steer it "
+            "towards classes; add --classifier CKPT (with --classifier-scale), or drop --classes"
+        )
     if classes and num_classes is not None and max(classes) >= num_classes:
         raise UserError(f"--classes: class {max(classes)} is out of range (0..{num_classes - 1})")
     job = _job(args, preset, device, classes, scale or 0.0, args.cfg_scale)
@@ -247,12 +275,20 @@ def _run(run, args: argparse.Namespace) -> int:
 
 
 def _cmd_upsample(args: argparse.Namespace) -> int:
-    from adm.generate.sample import Run
+    import numpy as np
 
+    from adm.generate.sample import Run
+    from adm.models.presets import PRESETS, RELEASED
+
+    _check_sampling_options(args)
     device = _device(args.device)
     model, preset = _load(args, device)
     if preset.kind != "superres":
-        raise UserError(f"{preset.name} is a {preset.kind} model, not an upsampler")
+        released = [n for n in RELEASED if PRESETS[n].kind == "superres"]
+        raise UserError(
+            f"{preset.name} is a {preset.kind} model, not an upsampler (released upsamplers: "
+            f"{', '.join(released)}, downloaded by adm fetch NAME; none is bundled with adm)"
+        )
     base = _read_images(args.base, "--base")
     small = preset.small_size
     if (
@@ -288,6 +324,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
 
 
 def _read_images(path: str, flag: str) -> dict[str, np.ndarray]:
+    import numpy as np
+
     if not Path(path).is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
@@ -302,10 +340,15 @@ def _read_images(path: str, flag: str) -> dict[str, np.ndarray]:
 
 
 def _cmd_nll(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
     from tqdm.auto import tqdm
 
+    from adm._util.atomic import atomic_path
     from adm.diffusion.gaussian import Diffusion, calc_bpd_loop
 
+    checks.at_least(args, {"num_samples": 1, "batch_size": 1, "seed": 0})
+    checks.writable_dir(args.out)
     device = _device(args.device)
     model, preset = _load(args, device)
     if preset.kind != "diffusion":
@@ -328,16 +371,13 @@ def _cmd_nll(args: argparse.Namespace) -> int:
             )
     out_dir = Path(args.out)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out_dir}: {err.strerror}") from None
-    try:
         diff = Diffusion.from_config(
             dataclasses.replace(preset.diffusion, timestep_respacing=args.steps)
         )
     except ValueError as err:
         raise UserError(f"--steps: {err}") from None
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
     totals, terms = [], []
     bar = tqdm(total=len(images), unit="img", desc="bits/dim")
     for start in range(0, len(images), args.batch_size):
@@ -363,7 +403,8 @@ def _cmd_nll(args: argparse.Namespace) -> int:
         "vb_per_timestep_loop_order": torch.cat(terms).mean(0).tolist(),
         "diffusion": dataclasses.asdict(preset.diffusion),
     }
-    (out_dir / "nll.json").write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out_dir / "nll.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"bits/dim: {result['bits_per_dim']:.4f} over {len(total)} images -> {out_dir / 'nll.json'}"
     )

@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-from adm._util.errors import UserError
+from adm._util.errors import UserError, os_error_text
+from adm.cli import checks
 
 EXAMPLES = """examples:
   adm train --preset tiny_diffusion --data images/ --out runs/tiny --steps 2000 --fit-classes
@@ -139,28 +140,34 @@ def _apply_script_flags(args: argparse.Namespace, f: dict[str, str], notes: list
         if getattr(args, name, None) is None:
             setattr(args, name, value)
 
+    def number(key: str, value: str, kind: type = int):
+        try:
+            return kind(value)
+        except ValueError:
+            raise UserError(f"--{key} {value!r}: expected a number") from None
+
     for key, value in f.items():
         if key in ("data_dir", "val_data_dir"):
             fill("data" if key == "data_dir" else "val_data", value)
         elif key in ("lr", "weight_decay"):
-            fill(key, float(value))
+            fill(key, number(key, value, float))
         elif key == "schedule_sampler":
             fill("timestep_sampler", value)
         elif key in ("lr_anneal_steps", "iterations"):
-            if int(value) > 0:
+            if number(key, value) > 0:
                 fill("steps", int(value))
                 if key == "lr_anneal_steps":
                     fill("anneal_lr", True)
         elif key == "anneal_lr":
             fill("anneal_lr", _truthy(value))
         elif key == "batch_size":  # per rank in the original
-            fill("batch_size", int(value) * world)
+            fill("batch_size", number(key, value) * world)
         elif key == "microbatch":
-            fill("microbatch", int(value) if int(value) > 0 else None)
+            fill("microbatch", int(value) if number(key, value) > 0 else None)
         elif key == "ema_rate":
             fill("ema_rate", value)
         elif key in ("log_interval", "save_interval", "eval_interval"):
-            fill(key, int(value))
+            fill(key, number(key, value))
         elif key in ("use_fp16", "classifier_use_fp16"):
             if _truthy(value) and args.precision == "auto":
                 args.precision = "fp16"
@@ -173,6 +180,17 @@ def _apply_script_flags(args: argparse.Namespace, f: dict[str, str], notes: list
             args.no_noise = True
         elif key == "fp16_scale_growth":
             notes.append("--fp16_scale_growth ignored: torch.amp.GradScaler manages the scale")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Counts and intervals (given the adm way or by the original's flags), before any work."""
+    checks.at_least(args, {
+        "steps": 1, "batch_size": 1, "log_interval": 1, "save_interval": 1, "eval_interval": 1,
+        "keep": 1, "max_nonfinite": 1, "workers": 0, "eval_size": 1, "num_samples": 1,
+        "sample_interval": 0, "seed": 0,
+    })  # fmt: skip
+    if args.microbatch is not None and args.microbatch != -1 and args.microbatch < 1:
+        raise UserError(f"--microbatch must be at least 1 (or -1: all), got {args.microbatch}")
 
 
 def _preset_from_flags(kind: str, tokens: list[str]):
@@ -233,6 +251,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UserError("pass --data (an image folder, .npz or IDX folder)")
     if args.steps is None:
         raise UserError("pass --steps (or the original's --lr_anneal_steps / --iterations)")
+    _check_options(args)
+    checks.writable_dir(args.out, "run folder")
     try:
         preset, classes = _resolve_preset(args, kind, model_tokens)
         if args.classes_from:
@@ -245,8 +265,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         setup = trainlib.prepare(
             preset, spec, args.out, config, init_from=args.init_from, init_classes=classes
         )
-    except (ValueError, OSError) as err:
+    except ValueError as err:
         raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(os_error_text(err)) from None
     setup.notes += notes
     if args.dry_run:
         print(json.dumps(setup.describe(), indent=2, default=str))
@@ -286,10 +308,14 @@ def _train_config(args: argparse.Namespace, kind: str):
     if args.ema_rate is None:
         rates = () if classifier else (0.9999,)
     else:
-        rates = tuple(float(r) for r in str(args.ema_rate).split(",") if r.strip())
+        try:
+            rates = tuple(float(r) for r in str(args.ema_rate).split(",") if r.strip())
+        except ValueError:
+            message = f"--ema-rate {args.ema_rate!r}: expected rates like 0.9999,0.999"
+            raise UserError(message) from None
     values = dict(
         steps=args.steps,
-        batch_size=args.batch_size or 8,
+        batch_size=8 if args.batch_size is None else args.batch_size,
         microbatch=args.microbatch if args.microbatch and args.microbatch > 0 else None,
         lr=args.lr if args.lr is not None else (3e-4 if classifier else 1e-4),
         weight_decay=args.weight_decay or 0.0,

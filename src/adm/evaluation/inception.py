@@ -367,15 +367,12 @@ def random_state_dict(seed: int = 0) -> dict[str, Tensor]:
 
 def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") -> InceptionV3:
     """Build the network, strictly load a converted weights file, eval mode, no gradients."""
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise WeightsError(f"cannot read Inception weights {path}: {first_line}") from err
-    if not isinstance(state_dict, dict) or not all(
-        isinstance(v, Tensor) for v in state_dict.values()
-    ):
-        raise WeightsError(f"{path} is not a state dict of tensors")
+    from adm.models.checkpoint import CheckpointError, load_state_dict
+
+    try:  # says what a wrong file is (text, HTML, pickle, ...); never unpickles code
+        state_dict = load_state_dict(path)
+    except CheckpointError as err:
+        raise WeightsError(f"cannot read Inception weights: {err}") from None
     model = InceptionV3()
     model.load_converted(state_dict)
     model.weights_id = sha256_file(path)

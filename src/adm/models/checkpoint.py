@@ -32,6 +32,8 @@ from adm.models.presets import (
 
 __all__ = [
     "CheckpointError",
+    "bundled_names",
+    "bundled_path",
     "convert",
     "default_cache_dir",
     "detect_preset",
@@ -50,6 +52,19 @@ StateDict = dict[str, Tensor]
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with a message naming the file and the reason."""
+
+
+def bundled_names() -> tuple[str, ...]:
+    """Names whose weights ship inside the package (the demo's models), usable like released
+    names: `load_model("fmnist_diffusion")`, `adm sample --checkpoint fmnist_diffusion`."""
+    return tuple(sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors")))
+
+
+def bundled_path(name: str) -> Path | None:
+    """The bundled file of a preset name ("fmnist_judge", also with a suffix), else None."""
+    stem = str(name).removesuffix(".pt").removesuffix(".safetensors")
+    path = BUNDLED_DIR / f"{stem}.safetensors"
+    return path if stem in bundled_names() else None
 
 
 def default_cache_dir() -> Path:
@@ -271,10 +286,15 @@ def detect_preset(state_dict: Mapping[str, Tensor], *, hint: str | None = None) 
 def resolve_checkpoint(
     name_or_path: str | os.PathLike, cache: str | os.PathLike | None = None
 ) -> Path:
-    """An existing file, or the cached file of a preset (where `adm fetch NAME` puts it)."""
+    """The file to load for `name_or_path`: an existing file; else the weights bundled with the
+    package under that name (`bundled_names()`); else the cached file of a released preset
+    (where `adm fetch NAME` puts it)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
+    bundled = bundled_path(str(name_or_path))
+    if bundled is not None:
+        return bundled
     try:
         preset = get_preset(str(name_or_path))
     except ValueError as err:
@@ -286,8 +306,10 @@ def resolve_checkpoint(
             return candidate
     if preset.url is None:
         raise CheckpointError(
-            f"{preset.name} has no released weights (a tiny preset): build it with "
-            "adm.models.presets.build_model, or pass a checkpoint file you trained"
+            f"{preset.name} has no released weights and none bundled with adm (bundled: "
+            f"{', '.join(bundled_names())}): pass a checkpoint file you trained, or build it with "
+            f"random weights (`--preset {preset.name}` on the command line, "
+            "adm.models.presets.build_model in Python)"
         )
     raise CheckpointError(
         f"{preset.name} is not downloaded: run `adm fetch {preset.name}`, or put the file from "
@@ -303,7 +325,8 @@ def load_model(
     dtype: torch.dtype | None = torch.float32,
 ) -> tuple[nn.Module, Preset]:
     """Load a checkpoint with no flags: `load_model("256x256_diffusion.pt")`, `load_model(
-    "model.safetensors")` or `load_model("256x256_classifier")` (from the cache folder).
+    "model.safetensors")`, `load_model("256x256_classifier")` (from the cache folder) or
+    `load_model("fmnist_diffusion")` (bundled with the package; see `resolve_checkpoint`).
 
     The preset comes from `preset`, else the safetensors metadata, else the key names and shapes
     (the file stem breaks ties between presets of one architecture). Loading is strict; the model

@@ -7,7 +7,13 @@ import os
 import re
 from pathlib import Path
 
-from adm.models.checkpoint import CheckpointError, default_cache_dir, short_reason, verify_file
+from adm.models.checkpoint import (
+    CheckpointError,
+    bundled_path,
+    default_cache_dir,
+    short_reason,
+    verify_file,
+)
 from adm.models.presets import get_preset
 
 __all__ = ["fetch"]
@@ -27,9 +33,13 @@ def fetch(
 
     Resumes a partial `NAME.pt.part` with an HTTP Range request, checks the length, checks that
     the file loads as a state dict with the preset's keys and shapes, then renames it atomically to
-    `NAME.pt`. An existing verified file is returned at once.
+    `NAME.pt`. An existing verified file is returned at once, and so is the file of a name whose
+    weights are bundled with the package (nothing to download).
     """
     preset = get_preset(name)
+    bundled = bundled_path(preset.name)
+    if bundled is not None and url is None:
+        return bundled
     url = url or preset.url
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dest = folder / f"{preset.name}.pt"
@@ -40,7 +50,9 @@ def fetch(
             raise CheckpointError(f"{err}; delete {dest} and fetch it again") from None
         return dest
     if url is None:
-        raise CheckpointError(f"{preset.name} has no released weights to download (a tiny preset)")
+        raise CheckpointError(
+            f"{preset.name} has no released weights to download (a tiny preset for tests)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     _download(url, part, dest, preset.name, progress=progress, timeout=timeout)

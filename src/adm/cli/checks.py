@@ -1,0 +1,44 @@
+"""Checks of option values shared by the commands: one-line `UserError`s before any work starts.
+
+Light on purpose (no torch): the commands call these first, so that a zero, a negative count or an
+output folder that cannot be made is reported at once, not after a model has loaded or hours of
+training have run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from adm._util.atomic import check_writable_dir
+from adm._util.errors import UserError
+
+
+def flag(dest: str) -> str:
+    """The option spelling of an argparse dest: "batch_size" -> "--batch-size"."""
+    return "--" + dest.replace("_", "-")
+
+
+def at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Each named option, where given (not None), is >= its minimum."""
+    for dest, low in minimums.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise UserError(f"{flag(dest)} must be at least {low}, got {value}")
+
+
+def in_range(args: argparse.Namespace, dest: str, low: float, high: float | None = None) -> None:
+    """`low <= value` (and `value < high` where given) for an option given (not None)."""
+    value = getattr(args, dest, None)
+    if value is None or (value >= low and (high is None or value < high)):
+        return
+    bounds = f"at least {low:g}" if high is None else f"in [{low:g}, {high:g})"
+    raise UserError(f"{flag(dest)} must be {bounds}, got {value:g}")
+
+
+def writable_dir(path: str | os.PathLike, what: str = "output folder") -> None:
+    """`path` is a folder, or can be made one, that files can be written to (nothing is left)."""
+    try:
+        check_writable_dir(path, what)
+    except ValueError as err:
+        raise UserError(str(err)) from None
