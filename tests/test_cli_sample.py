@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from adm.cli import main as cli
+from adm.diffusion.names import SAMPLER_NAMES
 from adm.models import checkpoint, presets
 
 
@@ -73,7 +74,7 @@ def test_sample_writes_npz_grid_and_settings_with_classifier_guidance(ckpts, tmp
     assert not np.array_equal(np.load(unguided / "samples_4x32x32x3.npz")["arr_0"], data["arr_0"])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_same_seed_same_images_at_batch_sizes_1_and_4(ckpts, tmp_path, sampler):
     runs = []
     for bs in ("1", "4"):
@@ -86,6 +87,30 @@ def test_same_seed_same_images_at_batch_sizes_1_and_4(ckpts, tmp_path, sampler):
     diff = np.abs(runs[0]["arr_0"].astype(int) - runs[1]["arr_0"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     np.testing.assert_array_equal(runs[0]["arr_1"], runs[1]["arr_1"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "nfe"),
+    [
+        (("--sampler", "heun", "--grid", "karras", "--steps", "4"), 7),
+        (("--sampler", "unipc", "--order", "3", "--grid", "logsnr", "--steps", "5"), 5),
+        (("--sampler", "edm", "--churn", "10", "--s-noise", "1.0", "--steps", "3"), 5),
+        (("--sampler", "dpm++2m-sde", "--eta", "0.5", "--grid", "trailing", "--steps", "4"), 4),
+        (("--sampler", "dpm++3m", "--grid", "quadratic", "--steps", "6", "--classifier-scale",
+          "2", "--guidance-interval", "0.5,20"), 6),
+    ],
+)  # fmt: skip
+def test_samplers_grids_and_options_from_the_command_line(ckpts, tmp_path, extra, nfe):
+    out = tmp_path / "run"
+    extra = [*extra, "--classifier", str(ckpts["classifier"])] if "--classifier-scale" in extra \
+        else list(extra)  # fmt: skip
+    args = ["sample", "--checkpoint", str(ckpts["model"]), "--out", str(out), "--no-progress"]
+    assert cli.main([*args, "--num-samples", "2", *extra]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["nfe"] == nfe
+    job = settings["job"]
+    assert job["sampler"] == extra[1] and job["steps"] == extra[extra.index("--steps") + 1]
+    assert np.load(out / "samples_2x32x32x3.npz")["arr_0"].std() > 0
 
 
 def test_resume_keeps_finished_batches(ckpts, tmp_path):
@@ -177,6 +202,18 @@ def test_nll_writes_bits_per_dim(ckpts, tmp_path, capsys):
         (("--eta", "-0.5"), "--eta must be at least 0"),
         (("--seed", "-1"), "--seed must be at least 0, got -1"),
         (("--cfg-scale", "1", "--cfg-null-label", "10"), "--cfg-null-label 10 is out of range"),
+        (("--sampler", "heun", "--steps", "1"), "--sampler heun needs --steps of at least 2"),
+        (("--sampler", "heun", "--steps", "1", "--grid", "karras"), "at least 2, got 1"),
+        (("--grid", "logsnr", "--steps", "ddim25"), "with a grid, steps is a number of steps"),
+        (("--grid", "karras", "--steps", "2000"), "only 1000 timesteps"),
+        (("--grid", "uniform", "--steps", "0"), "positive integer"),
+        (("--sampler", "ddpm", "--eta", "0.5"), "sampler 'ddpm' has no option --eta"),
+        (("--sampler", "dpm++2m-sde", "--eta", "2"), "--eta of sampler 'dpm++2m-sde' must be"),
+        (("--sampler", "unipc", "--order", "1"), "--order of sampler 'unipc' must be 2 or 3"),
+        (("--sampler", "edm", "--churn", "-1"), "--churn of sampler 'edm' must be >= 0"),
+        (("--guidance-interval", "0,1"), "--guidance-interval needs guidance"),
+        (("--cfg-scale", "2", "--guidance-interval", "5,1"), "expected 0 <= LO <= HI"),
+        (("--cfg-scale", "2", "--guidance-interval", "a"), "expected LO,HI"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_sampling(ckpts, tmp_path, capsys, extra, message):

@@ -307,7 +307,7 @@ def test_bad_sampler_settings_are_one_clear_error():
         (lambda: registry.sample("euler", net, diff, noise), "unknown sampler"),
         (lambda: registry.sample("heun", net, diff, noise, timesteps=[999]), "at least 2 steps"),
         (lambda: registry.sample("dpm++2m", net, linear("5"), noise, eta=0.5), "no option 'eta'"),
-        (lambda: registry.sample("unipc", net, linear("5"), noise, order=4), "UniPC order"),
+        (lambda: registry.sample("unipc", net, linear("5"), noise, order=4), "must be 2 or 3"),
         (lambda: guidance.check_interval((2.0, 1.0)), "LO <= HI"),
         (lambda: guidance.check_interval((float("nan"), 1.0)), "LO <= HI"),
         (lambda: guidance.classifier_cond_fn(TinyClassifier(), 1.0, interval=(0, 1)), "diff="),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from adm._util.errors import UserError
 from adm.cli import checks
+from adm.diffusion.names import GRID_NAMES, SAMPLER_NAMES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,9 +99,19 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) -> None:
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], help="default: preset's")
-    p.add_argument("--steps", help="respacing: 250, ddim25, 10,10,10 ... (default: preset's)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES,
+                   help="default: preset's (docs/sampling.md: each one, its NFE)")  # fmt: skip
+    p.add_argument("--steps", help="respacing: 250, ddim25, 10,10,10 ... (default: preset's); "
+                   "with --grid, a number of steps")  # fmt: skip
+    p.add_argument("--grid", choices=GRID_NAMES, help="timestep grid for --steps N (default: "
+                   "the original's respacing of --steps)")  # fmt: skip
+    p.add_argument("--eta", type=float, help="ddim: eta (default 0, deterministic); "
+                   "dpm++2m-sde: noise amount (default 1)")  # fmt: skip
+    p.add_argument("--order", type=int, help="unipc: order 2 (default) or 3")
+    p.add_argument("--churn", type=float, help="edm: S_churn (default 80)")
+    p.add_argument("--s-noise", type=float, help="edm: S_noise (default 1.003)")
+    p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only where sigma = "
+                   "sqrt((1-abar)/abar) is in [LO, HI] (Kynkaanniemi et al. 2024)")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=num_samples,
                    help=f"default: {num_samples or 'all base images'}")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None, help="default: preset's")
@@ -159,26 +170,53 @@ def _device(name: str | None) -> torch.device:
 
 
 def _job(args, preset, device, classes=None, classifier_scale=0.0, cfg=None):
+    from adm.diffusion import registry
     from adm.generate.sample import SampleJob
 
     s = preset.sampling
     sampler = args.sampler or s.sampler
-    steps = args.steps or (s.steps if sampler != "dpm++2m" else "25")
+    default_steps = s.steps if sampler in ("ddpm", "ddim") else "25"  # the paper's, or 25 evenly
+    steps = args.steps or default_steps
     precision = args.precision or (s.precision if device.type == "cuda" else "fp32")
     batch_size = s.batch_size if args.batch_size is None else args.batch_size
+    interval = _parse_interval(args.guidance_interval)
+    if interval is not None and not (classifier_scale or cfg is not None):
+        raise UserError("--guidance-interval needs guidance (--classifier-scale or --cfg-scale)")
     try:
-        from adm.diffusion.schedule import space_timesteps
-
-        space_timesteps(preset.diffusion.steps, steps)
-        return SampleJob(
-            sampler=sampler, steps=steps, num_samples=args.num_samples,
+        job = SampleJob(
+            sampler=sampler, steps=steps, grid=args.grid, num_samples=args.num_samples,
             batch_size=batch_size, classes=classes, seed=args.seed,
-            classifier_scale=classifier_scale, cfg_scale=cfg, eta=args.eta,
-            clip_denoised=not args.no_clip, precision=precision,
-            save_pngs=args.save_pngs,
+            classifier_scale=classifier_scale, cfg_scale=cfg, guidance_interval=interval,
+            eta=args.eta, order=args.order, churn=args.churn, s_noise=args.s_noise,
+            clip_denoised=not args.no_clip, precision=precision, save_pngs=args.save_pngs,
         )  # fmt: skip
+        count = job.num_steps(preset.diffusion)  # the grid / respacing is valid
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise UserError(_option_names(str(err))) from None
+    need = registry.sampler_info(sampler).min_steps
+    if count < need:
+        raise UserError(f"--sampler {sampler} needs --steps of at least {need}, got {count}")
+    return job
+
+
+def _option_names(message: str) -> str:
+    """A library message about a sampler option, in the flag's spelling (s_noise -> --s-noise)."""
+    for key in ("eta", "order", "churn", "s_noise"):
+        message = message.replace(f"option '{key}'", f"option --{key.replace('_', '-')}")
+        message = message.replace(f"{key} of sampler", f"--{key.replace('_', '-')} of sampler")
+    return message
+
+
+def _parse_interval(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-interval {text!r}: expected LO,HI such as 0.3,5") from None
+    if not (0 <= lo <= hi) or hi != hi:
+        raise UserError(f"--guidance-interval {text!r}: expected 0 <= LO <= HI (sigma values)")
+    return lo, hi
 
 
 def _parse_classes(text: str) -> tuple[int, ...] | None:
@@ -196,7 +234,7 @@ def _parse_classes(text: str) -> tuple[int, ...] | None:
 def _check_sampling_options(args: argparse.Namespace) -> None:
     """Counts and eta of `sample`/`upsample`, before any model loads."""
     checks.at_least(args, {"num_samples": 1, "batch_size": 1, "seed": 0})
-    checks.in_range(args, "eta", 0.0)
+    checks.in_range(args, "eta", 0.0)  # the sampler's own range is checked with the job
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

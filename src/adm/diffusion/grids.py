@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import numpy as np
 
+from adm.diffusion.names import GRID_NAMES as GRIDS
 from adm.diffusion.schedule import space_timesteps
 
-GridName = Literal["uniform", "ddim", "logsnr", "quadratic", "karras", "trailing"]
-GRIDS: tuple[str, ...] = get_args(GridName)
 KARRAS_RHO = 7.0
 KARRAS_SIGMA_MAX = 80.0  # Karras et al. 2022, Table 1 (their ADM / iDDPM sampling range)
 

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 from torch import Tensor
 
 from adm.diffusion import edm, samplers, solvers
 from adm.diffusion.gaussian import Diffusion, ModelFn
+from adm.diffusion.names import SAMPLER_NAMES, SamplerName
 from adm.diffusion.samplers import SampleStep
 
-SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "heun", "edm"]
-SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+assert get_args(SamplerName) == SAMPLER_NAMES
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,33 @@ def sampler_info(name: str) -> SamplerInfo:
     return SAMPLERS[name]
 
 
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "eta": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "order": (lambda v: v in (2, 3), "2 or 3"),
+    "churn": (lambda v: v >= 0, ">= 0"),
+    "s_noise": (lambda v: v > 0, "> 0"),
+    "s_tmin": (lambda v: v >= 0, ">= 0"),
+    "s_tmax": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def check_options(name: str, **options: float | None) -> None:
+    """Raise ValueError unless every option given (not None) belongs to sampler `name` and is in
+    range (DDIM's eta may also exceed 1, as in the original)."""
+    info = sampler_info(name)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key not in info.options:
+            have = ", ".join(info.options) or "none"
+            raise ValueError(f"sampler {name!r} has no option {key!r} (its options: {have})")
+        ok, rule = _RULES[key]
+        if name == "ddim" and key == "eta":
+            ok, rule = (lambda v: v >= 0), ">= 0"
+        if not ok(value):  # NaN fails every rule
+            raise ValueError(f"{key} of sampler {name!r} must be {rule}, got {value}")
+
+
 def nfe(name: str, steps: int) -> int:
     """Network calls of sampler `name` over a grid of `steps` timesteps."""
     info = sampler_info(name)
@@ -96,17 +123,12 @@ def sample_progressive(
     info = sampler_info(name)
     options = {k: kwargs.pop(k) for k in ("eta", "order", "churn", "s_noise", "s_tmin", "s_tmax")
                if k in kwargs}  # fmt: skip
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key not in info.options:
-            have = ", ".join(info.options) or "none"
-            raise ValueError(f"sampler {name!r} has no option {key!r} (its options: {have})")
-        kwargs[key] = value
+    check_options(name, **options)
+    kwargs.update({k: v for k, v in options.items() if v is not None})
     steps = diff.num_steps if kwargs.get("timesteps") is None else len(kwargs["timesteps"])
     if steps < info.min_steps:
         raise ValueError(f"sampler {name!r} needs at least {info.min_steps} steps, got {steps}")
-    return info.progressive(model_fn, diff, noise, **info.fixed, **kwargs)
+    return info.progressive(model_fn, diff, noise, **{**info.fixed, **kwargs})
 
 
 def sample(name: str, model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:

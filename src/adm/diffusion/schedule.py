@@ -102,6 +102,12 @@ def _parse_count(spec: str, text: str) -> int:
     return count
 
 
+def _log0(a: np.ndarray) -> np.ndarray:
+    """np.log without the divide-by-zero warning for exact zeros (they give -inf)."""
+    with np.errstate(divide="ignore"):
+        return np.log(a)
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     a.setflags(write=False)
@@ -170,7 +176,8 @@ class NoiseSchedule:
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
             "posterior_variance": post_var,
             # The posterior variance is 0 at t=0; its log is clipped to the value at t=1.
-            "posterior_log_variance_clipped": np.log(
+            # (one step: log 0 = -inf, as the original; never used, the last step adds no noise)
+            "posterior_log_variance_clipped": _log0(
                 np.append(post_var[1], post_var[1:]) if len(betas) > 1 else post_var
             ),
             "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),

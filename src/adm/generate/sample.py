@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -28,36 +27,69 @@ from torch import Tensor, nn
 from adm._util import dist, runtime
 from adm._util.atomic import atomic_path
 from adm._util.runtime import Precision
-from adm.diffusion import guidance, samplers, solvers
+from adm.diffusion import guidance, registry
 from adm.diffusion.gaussian import Diffusion, DiffusionConfig
-
-SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
+from adm.diffusion.registry import SamplerName
 
 
 @dataclass(frozen=True)
 class SampleJob:
-    """What to sample. `steps` is the original's respacing string ("250", "ddim25", "25")."""
+    """What to sample. `steps` is the original's respacing string ("250", "ddim25", "25"), or
+    with `grid` (a name of `adm.diffusion.grids`) the number of steps on that grid. `eta`,
+    `order`, `churn`, `s_noise`: the sampler's own options (None: its default)."""
 
     sampler: SamplerName = "ddim"
     steps: str = "ddim25"
+    grid: str | None = None
     num_samples: int = 16
     batch_size: int = 4
     classes: tuple[int, ...] | None = None  # None: random labels (class-conditional runs)
     seed: int = 0
     classifier_scale: float = 0.0
     cfg_scale: float | None = None
-    eta: float = 0.0
+    guidance_interval: tuple[float, float] | None = None  # σ range where guidance applies
+    eta: float | None = None
+    order: int | None = None
+    churn: float | None = None
+    s_noise: float | None = None
     clip_denoised: bool = True
     precision: Precision = "fp32"
     save_pngs: bool = False
 
     def __post_init__(self) -> None:
-        if self.sampler not in ("ddpm", "ddim", "dpm++2m"):
-            raise ValueError(f"unknown sampler {self.sampler!r}: expected ddpm, ddim or dpm++2m")
+        registry.check_options(self.sampler, **self.sampler_options)
+        if self.guidance_interval is not None:
+            guidance.check_interval(self.guidance_interval)
         if self.num_samples < 1 or self.batch_size < 1:
             raise ValueError("--num-samples and --batch-size must be positive")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"unknown precision {self.precision!r}: expected fp32, bf16 or fp16")
+
+    @property
+    def sampler_options(self) -> dict[str, float | int]:
+        """The sampler options that were set (the others take the sampler's defaults)."""
+        names = ("eta", "order", "churn", "s_noise")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def diffusion(self, config: DiffusionConfig) -> Diffusion:
+        """The diffusion of `config` on this job's steps: a respacing string or a named grid."""
+        if self.grid is None:
+            return Diffusion.from_config(dataclasses.replace(config, timestep_respacing=self.steps))
+        try:
+            count = int(self.steps)
+        except ValueError:
+            raise ValueError(
+                f"with a grid, steps is a number of steps (e.g. 20), got {self.steps!r}"
+            ) from None
+        return Diffusion.from_config(config).grid(self.grid, count)
+
+    def num_steps(self, config: DiffusionConfig) -> int:
+        """How many timesteps the sampler visits."""
+        return self.diffusion(config).num_steps
+
+    def nfe(self, config: DiffusionConfig) -> int:
+        """Network calls per image batch (`adm.diffusion.registry.nfe`)."""
+        return registry.nfe(self.sampler, self.num_steps(config))
 
 
 def sample_generator(seed: int, index: int, stream: int, device: torch.device) -> torch.Generator:
@@ -113,7 +145,7 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
         np.savez(f, **arrays)
 
 
-def _model_fn(run: Run) -> Callable[..., Tensor]:
+def _model_fn(run: Run, diff: Diffusion) -> Callable[..., Tensor]:
     """`model_fn(x, t, y=..., low_res=...)` for the samplers: labels only for class-conditional
     networks (an unconditional model can still be classifier-guided), classifier-free guidance
     around it when asked."""
@@ -126,7 +158,10 @@ def _model_fn(run: Run) -> Callable[..., Tensor]:
     if run.job.cfg_scale is not None:
         if run.null_label is None:
             raise ValueError("classifier-free guidance needs the model's null label")
-        fn = guidance.classifier_free_model_fn(fn, run.job.cfg_scale, null_label=run.null_label)
+        fn = guidance.classifier_free_model_fn(
+            fn, run.job.cfg_scale, null_label=run.null_label,
+            interval=run.job.guidance_interval, diff=diff,
+        )  # fmt: skip
     return fn
 
 
@@ -143,17 +178,18 @@ def sample_batch(run: Run, diff: Diffusion, indices: list[int], device: torch.de
     noise = torch.stack(
         [torch.randn(cfg.in_channels, size, size, generator=g, device=device) for g in gens]
     )
-    model_fn = _model_fn(run)
+    model_fn = _model_fn(run, diff)
     cond_fn = None
     if run.classifier is not None and job.classifier_scale != 0:
-        cond_fn = guidance.classifier_cond_fn(run.classifier, job.classifier_scale)
+        cond_fn = guidance.classifier_cond_fn(
+            run.classifier, job.classifier_scale, interval=job.guidance_interval, diff=diff
+        )
     model_kwargs = {"y": labels, **({} if low_res is None else {"low_res": low_res})}
-    common = {"cond_fn": cond_fn, "clip_denoised": job.clip_denoised, "model_kwargs": model_kwargs}
-    if job.sampler == "ddpm":
-        return samplers.ddpm_sample(model_fn, diff, noise, generator=gens, **common)
-    if job.sampler == "ddim":
-        return samplers.ddim_sample(model_fn, diff, noise, eta=job.eta, generator=gens, **common)
-    return solvers.dpm_solver_sample(model_fn, diff, noise, **common)
+    # every sampler gets the per-sample generators (the deterministic ones draw nothing)
+    return registry.sample(
+        job.sampler, model_fn, diff, noise, cond_fn=cond_fn, clip_denoised=job.clip_denoised,
+        model_kwargs=model_kwargs, generator=gens, **job.sampler_options,
+    )  # fmt: skip
 
 
 def prepare_output(out_dir: Path, resume: bool, num_batches: int, record: dict) -> list[int]:
@@ -189,6 +225,7 @@ def run_record(run: Run) -> dict:
     """The fully resolved settings of a run (what settings.json and run.json record)."""
     return {
         "job": dataclasses.asdict(run.job),
+        "nfe": run.job.nfe(run.diffusion_config),  # network calls per batch (Heun: 2N − 1)
         "diffusion": dataclasses.asdict(run.diffusion_config),
         **run.settings,
     }
@@ -216,9 +253,7 @@ def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> di
     if error:  # every rank stops with the same message, none hangs
         raise ValueError(error)
     done = set(done)
-    diff = Diffusion.from_config(
-        dataclasses.replace(run.diffusion_config, timestep_respacing=job.steps)
-    )
+    diff = job.diffusion(run.diffusion_config)
     mine = [k for k in range(num_batches) if k % info.world_size == info.rank and k not in done]
     bar = _progress(job.num_samples, len(done) * job.batch_size, progress and info.is_main)
     start, count = time.perf_counter(), 0
