@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +169,16 @@ def test_retrain_runs_every_stage_and_exports_loadable_weights(tmp_path, data_di
     assert sorted(models) == sorted(demo.MODELS)
     assert (tmp_path / "train" / "fmnist_judge.log").is_file()  # the second chain's output
     assert demo._last_checkpoint(tmp_path / "train" / "fmnist_diffusion", "ema_0.999").is_file()
+
+
+def test_first_line_comes_before_torch_is_imported(tmp_path):
+    """The demo says what it does at once: its first line is printed before the seconds of
+    importing torch (a blocked torch import shows the order)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from adm.cli.main import main\n"
+        f"main(['demo', '--out', {str(tmp_path / 'o')!r}, '--no-progress'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr  # torch blocked
+    assert result.stdout.startswith("adm demo: classifier guidance on Fashion-MNIST, 100 samples")

@@ -72,22 +72,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
+    if args.per_class < 2:
+        raise UserError("--per-class must be at least 2")
+    checks.at_least(args, {"seed": 0})
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must be between 0 and 1, got {args.eta:g}")
+    checks.writable_dir(args.out)
+    if args.retrain:
+        checks.writable_dir(args.work_dir, "work folder")
+    # A first line at once: importing torch and loading take seconds before the progress bar.
+    print(
+        f"adm demo: classifier guidance on Fashion-MNIST, {10 * args.per_class} samples at each of "
+        f"5 guidance scales (+ DPM-Solver++); loading torch, the bundled models and the data ...",
+        flush=True,
+    )
+
     import torch
 
     from adm.cli import demo
     from adm.data.datasets import DataError
 
-    if args.per_class < 2:
-        raise UserError("--per-class must be at least 2")
-    checks.at_least(args, {"seed": 0})
     settings = demo.DemoSettings(per_class=args.per_class, seed=args.seed)
     if args.eta is not None:
-        if not 0 <= args.eta <= 1:
-            raise UserError(f"--eta must be between 0 and 1, got {args.eta:g}")
         settings = dataclasses.replace(settings, eta=args.eta)
-    checks.writable_dir(args.out)
-    if args.retrain:
-        checks.writable_dir(args.work_dir, "work folder")
     try:
         weights = Path(args.weights) if args.weights else demo.WEIGHTS_DIR
         if args.retrain:
