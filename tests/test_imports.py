@@ -133,3 +133,12 @@ def test_wrong_way_and_sideways_imports_are_caught() -> None:
     assert _wrong_way("adm.nets.unet", {"adm.diffusion.gaussian"})  # sideways, same layer
     assert _wrong_way("adm.training.loop", {"adm.evaluation.metrics"})
     assert not _wrong_way("adm.cli.demo", {"adm.training.state", "adm._util.atomic", "adm.cli"})
+
+
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_each_package_init_names_every_module(package: str) -> None:
+    """The `__init__` docstring lists every module of its package (`name`: what it offers)."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text())) or ""
+    modules = sorted(p.stem for p in (PACKAGE / package).glob("*.py") if p.stem != "__init__")
+    missing = [m for m in modules if f"`{m}`:" not in doc]
+    assert not missing, f"adm.{package}.__init__ does not describe {missing}"

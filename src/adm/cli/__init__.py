@@ -4,5 +4,6 @@
 - `models`: `adm presets`, `adm info`, `adm convert`, `adm fetch`, `adm flags`
 - `sample`: `adm sample`, `adm upsample`, `adm nll`
 - `train`: `adm train`, `adm train-classifier`, `adm train-superres`
+- `checks`: argument checks shared by the commands (counts, ranges, writable folders)
 - `demo`: `adm demo`: classifier guidance on Fashion-MNIST with the bundled models
 """

@@ -2,7 +2,12 @@
 
 - `schedule`: beta schedules (linear, cosine), derived float64 tables, timestep respacing
 - `gaussian`: forward process, posterior, p_mean_variance, losses (MSE, hybrid, KL), bits/dim
-- `samplers`: DDPM, DDIM and DPM-Solver++ sampling loops and single steps, guidance hooks
+- `grids`: named timestep grids (uniform, ddim, logsnr, quadratic, karras, trailing)
+- `samplers`: DDPM and DDIM loops and single steps, the guidance hooks shared by all samplers
+- `solvers`: DPM-Solver++ (2M, 3M, 2M SDE) and UniPC multistep solvers, and their single updates
+- `edm`: the EDM Heun and stochastic samplers on the discrete σ table
+- `registry`: every sampler by name, its options and its NFE
+- `names`: sampler and grid names without torch (for the command line)
 - `guidance`: classifier guidance (cond_fn) and classifier-free guidance (model_fn wrapper)
 - `resample`: timestep samplers for training: uniform and loss-aware (importance sampling)
 """
