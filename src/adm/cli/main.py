@@ -14,6 +14,7 @@ from adm._util.atomic import atomic_path
 from adm._util.errors import UserError
 from adm.cli import models as cli_models
 from adm.cli import sample as cli_sample
+from adm.cli import sweep as cli_sweep
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_flags_command(sub)
     cli_models.add_commands(sub)
     cli_sample.add_commands(sub)
+    cli_sweep.add_commands(sub)
     _add_eval_command(sub)
     _add_stats_command(sub)
     _add_train_command(sub)
