@@ -25,7 +25,7 @@ from adm._util.atomic import atomic_path
 from adm.data import fashion_mnist
 from adm.diffusion import guidance, samplers, solvers
 from adm.diffusion.gaussian import Diffusion, draw_noise
-from adm.evaluation import metrics
+from adm.evaluation.judge import Judge, judge_metrics, judge_reference
 from adm.generate.sample import sample_generator, save_grid, to_uint8
 from adm.models import checkpoint
 
@@ -62,28 +62,6 @@ def load_models(weights_dir: Path, device: torch.device) -> tuple[dict[str, nn.M
     return models, presets
 
 
-class Judge:
-    """The clean-image classifier: logits, and as features the 2048-d hidden layer of its
-    "spatial" head (the activations before the last linear layer, like Inception's pool_3)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._features: Tensor | None = None
-        hidden = model.out[1]  # spatial head: Linear(features, 2048), ReLU, Linear(2048, classes)
-        hidden.register_forward_hook(lambda _m, _i, out: setattr(self, "_features", out))
-
-    @torch.no_grad()
-    def __call__(self, images_uint8: np.ndarray, batch: int = 500) -> tuple[Tensor, Tensor]:
-        logits, feats = [], []
-        device = next(self.model.parameters()).device
-        for start in range(0, len(images_uint8), batch):
-            x = torch.from_numpy(images_uint8[start : start + batch]).to(device)
-            x = x.float().reshape(len(x), 1, 28, 28) / 127.5 - 1
-            logits.append(self.model(x, torch.zeros(len(x), dtype=torch.long, device=device)))
-            feats.append(self._features)
-        return torch.cat(logits).cpu(), torch.cat(feats).cpu().double()
-
-
 def _sample(
     models, presets, settings: DemoSettings, labels: Tensor, scale: float, solver: str, bar
 ):
@@ -114,29 +92,6 @@ def _sample(
     return to_uint8(images)[..., 0]
 
 
-def _measure(judge: Judge, images: np.ndarray, labels: np.ndarray, ref_feats: Tensor,
-             ref_labels: np.ndarray, ref_stats, draws: int, seed: int) -> dict:  # fmt: skip
-    """Judge accuracy on the requested labels, FID against all reference images, and precision /
-    recall against reference sets of the SAME size and class mix as the samples (k-NN radii are
-    only comparable between equally sized sets), averaged over `draws` disjoint draws."""
-    logits, feats = judge(images)
-    rng = np.random.default_rng(seed)
-    by_class = {c: rng.permutation(np.flatnonzero(ref_labels == c)) for c in np.unique(labels)}
-    counts = {c: int((labels == c).sum()) for c in by_class}
-    precision, recall = [], []
-    for d in range(draws):
-        rows = np.concatenate([by_class[c][d * counts[c] : (d + 1) * counts[c]] for c in by_class])
-        pr = metrics.precision_recall(ref_feats[rows], feats, mode="exact")
-        precision.append(pr.precision)
-        recall.append(pr.recall)
-    return {
-        "accuracy": float((logits.argmax(1).numpy() == labels).mean()),
-        "precision": float(np.mean(precision)),
-        "recall": float(np.mean(recall)),
-        "fid": metrics.frechet_distance_to_features(feats, ref_stats),
-    }
-
-
 def run_demo(
     out_dir: Path,
     settings: DemoSettings = DemoSettings(),
@@ -156,12 +111,7 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be there
     judge = Judge(models["fmnist_judge"])
     test_images, test_labels = fashion_mnist.load(folder, "t10k")
-    ref = np.random.default_rng(settings.seed).permutation(len(test_images))[
-        : settings.reference_size
-    ]
-    ref_logits, ref_feats = judge(test_images[ref])
-    judge_accuracy = float((ref_logits.argmax(1).numpy() == test_labels[ref]).mean())
-    ref_stats = metrics.compute_statistics(ref_feats)
+    ref = judge_reference(judge, test_images, test_labels, settings.reference_size, settings.seed)
     labels_np = np.repeat(np.array(settings.classes), settings.per_class)
     labels = torch.from_numpy(labels_np).to(device)
     n = len(labels)
@@ -179,19 +129,16 @@ def run_demo(
         steps = _num_steps(settings.steps) if solver == "ddim" else settings.dpm_steps
         row = {"solver": solver, "steps": steps, "scale": scale, "grid": grid.name}
         draws = min(settings.pr_draws, settings.reference_size // n)
-        row.update(
-            _measure(judge, images, labels_np, ref_feats, test_labels[ref], ref_stats, draws,
-                     settings.seed)
-        )  # fmt: skip
+        row.update(judge_metrics(judge, images, labels_np, ref, draws, settings.seed))
         rows.append(row)
     bar.close()
     result = {
         "scales": [r for r in rows if r["solver"] == "ddim"],
         "dpm_solver": next(r for r in rows if r["solver"] == "dpm++2m"),
-        "judge_test_accuracy": judge_accuracy,
+        "judge_test_accuracy": ref.accuracy,
         "settings": dataclasses.asdict(settings),
         "num_samples_per_scale": n,
-        "reference_images": len(ref),
+        "reference_images": len(ref.labels),
         "data": str(folder),
         "weights": str(weights_dir),
         "seconds": round(time.perf_counter() - start, 1),

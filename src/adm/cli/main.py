@@ -17,6 +17,7 @@ from adm._util.errors import UserError, os_error_text
 from adm.cli import checks
 from adm.cli import models as cli_models
 from adm.cli import sample as cli_sample
+from adm.cli import sweep as cli_sweep
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_flags_command(sub)
     cli_models.add_commands(sub)
     cli_sample.add_commands(sub)
+    cli_sweep.add_commands(sub)
     _add_eval_command(sub)
     _add_stats_command(sub)
     _add_train_command(sub)

@@ -13,7 +13,7 @@ import hashlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +91,6 @@ def extract_features(
     progress: bool = True,
 ) -> BatchFeatures:
     """Run every image of `source` through `model` (on the model's device), streaming."""
-    device = next(model.parameters()).device
-    pool, logits = [], []
-    pool_acc, spatial_acc = StatsAccumulator(), StatsAccumulator()
     bar = tqdm(
         total=source.n,
         unit="img",
@@ -101,8 +98,26 @@ def extract_features(
         disable=not progress,
         file=sys.stderr,
     )
-    with bar, _full_fp32(), torch.inference_mode():
-        for chunk in iter_images(source, batch_size):
+    with bar:
+        return _features(iter_images(source, batch_size), model, keep_features, bar.update)
+
+
+def image_features(
+    images: np.ndarray, model: InceptionV3, *, batch_size: int = 64
+) -> BatchFeatures:
+    """`extract_features` of uint8 [N, H, W, 3] images in memory (e.g. fresh samples)."""
+    chunks = (images[start : start + batch_size] for start in range(0, len(images), batch_size))
+    return _features(chunks, model, True, lambda n: None)
+
+
+def _features(
+    chunks: Iterable[np.ndarray], model: InceptionV3, keep_features: bool, update
+) -> BatchFeatures:
+    device = next(model.parameters()).device
+    pool, logits = [], []
+    pool_acc, spatial_acc = StatsAccumulator(), StatsAccumulator()
+    with _full_fp32(), torch.inference_mode():
+        for chunk in chunks:
             out = model(torch.from_numpy(chunk).to(device))
             pool_np = out.pool.float().cpu().numpy()
             pool_acc.update(pool_np)
@@ -110,7 +125,7 @@ def extract_features(
             if keep_features:
                 pool.append(pool_np)
                 logits.append(out.logits.float().cpu().numpy())
-            bar.update(len(chunk))
+            update(len(chunk))
     empty = np.zeros((0, 0), np.float32)
     return BatchFeatures(
         pool=np.concatenate(pool) if pool else empty,
@@ -184,6 +199,58 @@ def check_eval_inputs(
     return ref, sample, read_reference_stats(ref.path)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A reference batch ready to score samples against: its features (precision / recall) and
+    the statistics FID and sFID use (the file's stored mu/sigma/mu_s/sigma_s when present)."""
+
+    features: BatchFeatures
+    pool_stats: GaussianStats
+    spatial_stats: GaussianStats
+    from_file: bool
+    n: int
+
+
+def load_reference(
+    ref_src: ImageSource,
+    stored: dict[str, np.ndarray] | None,
+    model: InceptionV3,
+    **kw,
+) -> Reference:
+    """The reference's features (through the feature cache; `kw` as `batch_features`)."""
+    ref = batch_features(ref_src, model, **kw)
+    if stored is None:
+        return Reference(ref, ref.pool_stats, ref.spatial_stats, False, ref_src.n)
+    pool = GaussianStats(stored["mu"], stored["sigma"])
+    spatial = GaussianStats(stored["mu_s"], stored["sigma_s"])
+    return Reference(ref, pool, spatial, True, ref_src.n)
+
+
+def score(
+    sample: BatchFeatures,
+    ref: Reference,
+    model: InceptionV3,
+    *,
+    split_size: int = 5000,
+    distance_mode: DistanceMode = "original",
+) -> EvalResult:
+    """IS of the samples in splits of `split_size`; FID / sFID against the reference statistics;
+    precision / recall between the reference's and the samples' pool features."""
+    device = next(model.parameters()).device
+    pr = precision_recall(ref.features.pool, sample.pool, mode=distance_mode, device=device)
+    return EvalResult(
+        inception_score=inception_score(sample.logits, split_size),
+        fid=frechet_distance(sample.pool_stats, ref.pool_stats),
+        sfid=frechet_distance(sample.spatial_stats, ref.spatial_stats),
+        precision=pr.precision,
+        recall=pr.recall,
+        n_ref=ref.n,
+        n_sample=len(sample.pool),
+        ref_stats_from_file=ref.from_file,
+        fp16_fallback=pr.fp16_fallback,
+    )
+
+
 def evaluate(
     ref_batch: str | os.PathLike,
     sample_batch: str | os.PathLike,
@@ -200,26 +267,9 @@ def evaluate(
     samples in consecutive splits of `split_size`."""
     ref_src, sample_src, stored = check_eval_inputs(ref_batch, sample_batch)
     kw = {"batch_size": batch_size, "use_cache": use_cache, "progress": progress}
-    ref = batch_features(ref_src, model, **kw)
+    ref = load_reference(ref_src, stored, model, **kw)
     sample = batch_features(sample_src, model, **kw)
-    if stored is not None:
-        ref_pool = GaussianStats(stored["mu"], stored["sigma"])
-        ref_spatial = GaussianStats(stored["mu_s"], stored["sigma_s"])
-    else:
-        ref_pool, ref_spatial = ref.pool_stats, ref.spatial_stats
-    device = next(model.parameters()).device
-    pr = precision_recall(ref.pool, sample.pool, mode=distance_mode, device=device)
-    return EvalResult(
-        inception_score=inception_score(sample.logits, split_size),
-        fid=frechet_distance(sample.pool_stats, ref_pool),
-        sfid=frechet_distance(sample.spatial_stats, ref_spatial),
-        precision=pr.precision,
-        recall=pr.recall,
-        n_ref=ref_src.n,
-        n_sample=sample_src.n,
-        ref_stats_from_file=stored is not None,
-        fp16_fallback=pr.fp16_fallback,
-    )
+    return score(sample, ref, model, split_size=split_size, distance_mode=distance_mode)
 
 
 def build_reference_batch(
