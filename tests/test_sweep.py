@@ -234,3 +234,14 @@ def test_documented_default_grid_and_python_snippet(capsys):
     code = doc.split("```python\n")[1].split("```")[0]
     exec(compile(code, "docs/sampling.md", "exec"), {})
     assert capsys.readouterr().out.split()[-2:] == ["10", "19"]
+
+
+def test_the_command_module_loads_without_torch():
+    """`adm` builds every parser at start-up: the sweep's modules import torch only when run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, adm.cli.sweep, adm.cli.sweep_run, adm.cli.sweep_report; "
+            "print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

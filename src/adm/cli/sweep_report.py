@@ -136,57 +136,65 @@ Lowest FID within a budget of network calls:
     return path
 
 
-def plot(path: Path, rows: list[dict[str, Any]]) -> bool:
-    """FID against NFE (log axis): one line per solver (colour) and grid (line style), one panel
-    per scale and interval, the reference as a dashed horizontal line. False without matplotlib."""
+def plot(path: Path, rows: list[dict[str, Any]], metric_name: str | None = None) -> bool:
+    """FID (log axis) against NFE: one line per solver (colour) and grid (line style), one panel
+    per scale and interval, the reference as a grey dashed line. False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return False
     summary = summarize(rows)
     sweep = [e for e in summary if not e["reference"]]
-    panels = list(dict.fromkeys((e["scale"], _hashable(e["interval"])) for e in sweep)) or [
-        (e["scale"], None) for e in summary[:1]
-    ]
-    solvers = list(dict.fromkeys(e["solver"] for e in sweep))
-    grids = list(dict.fromkeys(e["grid"] for e in sweep))
-    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    panels = list(dict.fromkeys((e["scale"], _hashable(e["interval"])) for e in sweep))
+    panels = panels or [(e["scale"], None) for e in summary[:1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (scale, interval) in zip(axes[0], panels, strict=True):
         for e in summary:
             if e["reference"] and e["scale"] == scale:
                 label = f"{e['solver']}-{e['steps']} (reference)"
                 ax.axhline(e["fid"], color="grey", linestyle="--", linewidth=1, label=label)
-        for solver in solvers:
-            for grid in grids:
-                cells = sorted(
-                    (e for e in sweep if e["solver"] == solver and e["grid"] == grid
-                     and e["scale"] == scale and _hashable(e["interval"]) == interval),
-                    key=lambda e: e["nfe"],
-                )  # fmt: skip
-                if not cells:
-                    continue
-                ax.errorbar(
-                    [e["nfe"] for e in cells], [e["fid"] for e in cells],
-                    yerr=[e["fid_std"] or 0 for e in cells], marker="o", markersize=4,
-                    color=f"C{solvers.index(solver) % 10}",
-                    linestyle=styles[grids.index(grid) % len(styles)],
-                    label=f"{solver} / {grid}" if len(grids) > 1 else solver,
-                )  # fmt: skip
-        ax.set_xscale("log")
+        panel = [e for e in sweep if e["scale"] == scale and _hashable(e["interval"]) == interval]
+        _lines(ax, panel, rows)
+        ax.set_yscale("log")  # a failed cell (FID 10x the others) must not flatten the rest
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("NFE (network calls per sample)")
-        ax.set_ylabel("FID (judge features)")
+        ax.set_ylabel("FID" if metric_name is None else f"FID ({metric_name})")
         ax.set_title(f"scale {scale:g}, guidance {interval_text(interval)}")
-        ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        ax.grid(alpha=0.3, which="major")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=4)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return True
+
+
+def _lines(ax, panel: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """One line per solver and grid of `panel`; colours and styles fixed by the run order."""
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if not r["reference"]))
+    grids = list(dict.fromkeys(r["grid"] for r in rows if not r["reference"]))
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    for solver in solvers:
+        for grid in grids:
+            cells = sorted((e for e in panel if e["solver"] == solver and e["grid"] == grid),
+                           key=lambda e: e["nfe"])  # fmt: skip
+            if not cells:
+                continue
+            x, y = [e["nfe"] for e in cells], [e["fid"] for e in cells]
+            color = f"C{solvers.index(solver) % 10}"
+            label = f"{solver} / {grid}" if len(grids) > 1 else solver
+            ax.plot(x, y, marker="o", markersize=4, color=color, label=label,
+                    linestyle=styles[grids.index(grid) % len(styles)])  # fmt: skip
+            if any(e["fid_std"] for e in cells):
+                yerr = [e["fid_std"] or 0 for e in cells]
+                ax.errorbar(x, y, yerr=yerr, color=color, linestyle="none", capsize=2)
 
 
 def _hashable(interval) -> tuple[float, float] | None:

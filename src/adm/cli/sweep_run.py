@@ -273,7 +273,8 @@ def run_sweep(
         bar.close()
         write_json(path, subject.setup, rows)
         sweep_report.write_markdown(out_dir, subject.setup, rows)
-        sweep_report.plot(out_dir / "sweep.png", rows)
+        metric = {"judge": "judge features", "inception": "Inception"}.get(subject.setup["metric"])
+        sweep_report.plot(out_dir / "sweep.png", rows, metric)
     return {"format": FORMAT, "setup": subject.setup, "rows": rows, "new": len(todo)}
 
 
