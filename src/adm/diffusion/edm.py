@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from adm.diffusion.gaussian import Diffusion, Generators, ModelFn, draw_noise
-from adm.diffusion.samplers import CondFn, DenoisedFn, SampleStep, steps_of
+from adm.diffusion.samplers import CondFn, DenoisedFn, SampleStep, last_sample, steps_of
 from adm.diffusion.solvers import denoise
 
 # EDM's stochastic settings for the ADM ImageNet-64 model (Karras et al. 2022, Table 5).
@@ -105,8 +105,4 @@ def edm_sample_progressive(
 def edm_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """EDM (Heun when `churn` = 0) from x_T = `noise`; returns x_0. Keywords as the progressive
     variant."""
-    final = None
-    for step in edm_sample_progressive(model_fn, diff, noise, **kwargs):
-        final = step
-    assert final is not None
-    return final.sample
+    return last_sample(edm_sample_progressive(model_fn, diff, noise, **kwargs))

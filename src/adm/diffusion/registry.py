@@ -27,7 +27,7 @@ from torch import Tensor
 from adm.diffusion import edm, samplers, solvers
 from adm.diffusion.gaussian import Diffusion, ModelFn
 from adm.diffusion.names import SAMPLER_NAMES, SamplerName
-from adm.diffusion.samplers import SampleStep
+from adm.diffusion.samplers import SampleStep, last_sample
 
 assert get_args(SamplerName) == SAMPLER_NAMES
 
@@ -102,17 +102,6 @@ def nfe(name: str, steps: int) -> int:
     return info.calls_per_step * (steps - 1) + 1
 
 
-def is_stochastic(name: str, **options: float | None) -> bool:
-    """Whether the sampler draws noise after x_T with these options (DDIM only when η > 0)."""
-    if name == "ddim":
-        return bool(options.get("eta"))
-    if name == "dpm++2m-sde":
-        return options.get("eta", 1.0) != 0
-    if name == "edm":
-        return options.get("churn", edm.EDM_CHURN) != 0
-    return sampler_info(name).stochastic
-
-
 def sample_progressive(
     name: str, model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs
 ) -> Iterator[SampleStep]:
@@ -133,8 +122,4 @@ def sample_progressive(
 
 def sample(name: str, model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """Run sampler `name` from x_T = `noise`; returns x_0 (keywords as `sample_progressive`)."""
-    final = None
-    for step in sample_progressive(name, model_fn, diff, noise, **kwargs):
-        final = step
-    assert final is not None
-    return final.sample
+    return last_sample(sample_progressive(name, model_fn, diff, noise, **kwargs))

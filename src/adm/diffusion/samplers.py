@@ -148,7 +148,7 @@ def ddpm_sample_progressive(
 
 def ddpm_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """Ancestral sampling from x_T = `noise`; returns x_0. Keywords as `ddpm_sample_progressive`."""
-    return _last(ddpm_sample_progressive(model_fn, diff, noise, **kwargs))
+    return last_sample(ddpm_sample_progressive(model_fn, diff, noise, **kwargs))
 
 
 # ---- DDIM (Song et al. 2021, Eq. 12) -------------------------------------------------------------
@@ -225,7 +225,7 @@ def ddim_sample_progressive(
 
 def ddim_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """DDIM sampling from x_T = `noise`; returns x_0. Keywords as `ddim_sample_progressive`."""
-    return _last(ddim_sample_progressive(model_fn, diff, noise, **kwargs))
+    return last_sample(ddim_sample_progressive(model_fn, diff, noise, **kwargs))
 
 
 def ddim_reverse_step(
@@ -313,7 +313,8 @@ def steps_of(diff: Diffusion, progress: bool, desc: str):
     return steps
 
 
-def _last(steps: Iterator[SampleStep]) -> Tensor:
+def last_sample(steps: Iterator[SampleStep]) -> Tensor:
+    """The final sample of a progressive sampler (runs it to the end)."""
     final = None
     for step in steps:
         final = step

@@ -27,6 +27,7 @@ from adm.diffusion.samplers import (
     DenoisedFn,
     SampleStep,
     condition_score,
+    last_sample,
     model_p_mean_variance,
     steps_of,
 )
@@ -149,7 +150,7 @@ def dpm_solver_sample_progressive(
 
 def dpm_solver_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """DPM-Solver++ from x_T = `noise`; returns x_0. Keywords as the progressive variant."""
-    return _last(dpm_solver_sample_progressive(model_fn, diff, noise, **kwargs))
+    return last_sample(dpm_solver_sample_progressive(model_fn, diff, noise, **kwargs))
 
 
 def dpm_solver_sde_update(
@@ -217,7 +218,7 @@ def dpm_solver_sde_sample_progressive(
 
 def dpm_solver_sde_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """DPM-Solver++(2M) SDE from x_T = `noise`; returns x_0."""
-    return _last(dpm_solver_sde_sample_progressive(model_fn, diff, noise, **kwargs))
+    return last_sample(dpm_solver_sde_sample_progressive(model_fn, diff, noise, **kwargs))
 
 
 # ---- UniPC (Zhao et al. 2023): predictor UniP + corrector UniC, B(h) = e^h − 1 ("bh2") --------
@@ -313,13 +314,4 @@ def unipc_sample_progressive(
 
 def unipc_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
     """UniPC-bh2 from x_T = `noise`; returns x_0."""
-    return _last(unipc_sample_progressive(model_fn, diff, noise, **kwargs))
-
-
-def _last(steps: Iterator[SampleStep]) -> Tensor:
-    final = None
-    for step in steps:
-        final = step
-    if final is None:
-        raise ValueError("the diffusion has no steps")
-    return final.sample
+    return last_sample(unipc_sample_progressive(model_fn, diff, noise, **kwargs))
