@@ -51,6 +51,26 @@ def test_tiny_sweep_writes_json_markdown_and_plot(tmp_path, small_reference, cap
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_solver_options_make_their_own_cells(tmp_path, subject):
+    """`unipc:order=3` and `edm:churn=1` are cells of their own, run with those options (the
+    same noise as plain `unipc` / `edm`, other images), counted with their sampler's NFE."""
+    solvers = ("unipc", "unipc:order=3", "edm", "edm:churn=1")  # order 3 needs 6 steps
+    settings = sweep_run.SweepSettings(solvers, ("karras",), (6,), (4.0,), per_class=1,
+                                       reference=None)  # fmt: skip
+    assert sweep_run.solver_spec("edm:churn=40:s_noise=1.003") == (
+        "edm",
+        {"churn": 40.0, "s_noise": 1.003},
+    )
+    assert sweep_run.solver_spec("unipc:order=3") == ("unipc", {"order": 3})
+    rows = sweep_run.run_sweep(tmp_path, settings, subject, progress=False)["rows"]
+    expected = [("unipc", 6), ("unipc:order=3", 6), ("edm", 11), ("edm:churn=1", 11)]
+    assert [(r["solver"], r["nfe"]) for r in rows] == expected
+    assert len({r["cell"] for r in rows}) == 4 and len({r["fid"] for r in rows}) == 4
+    assert {r["eta"] for r in rows} == {None}
+    table = sweep_report.table(rows)
+    assert "| unipc:order=3 | karras | 6 | 6 |" in table and "| edm:churn=1 |" in table
+
+
 def test_rerun_skips_done_cells_and_samples_only_new_ones(tmp_path, subject, monkeypatch):
     settings = sweep_run.SweepSettings(("dpm++2m",), ("karras",), (2,), (4.0,), per_class=1,
                                    reference=None)  # fmt: skip
@@ -119,6 +139,11 @@ def test_summary_averages_seeds_and_relates_fid_to_the_reference():
     "argv, message",
     [
         (["--solvers", "euler"], "--solvers: unknown solver 'euler'"),
+        (["--solvers", "euler:order=3"], "--solvers: unknown solver 'euler'"),
+        (["--solvers", "unipc:churn=3"], "sampler 'unipc' has no option 'churn'"),
+        (["--solvers", "unipc:order=4"], "order of sampler 'unipc' must be 2 or 3, got 4"),
+        (["--solvers", "edm:churn"], "'churn' is not OPTION=VALUE"),
+        (["--solvers", "edm:s_noise=nan"], "s_noise of sampler 'edm' must be > 0, got nan"),
         (["--grids", "cosine"], "--grids: unknown grid 'cosine'"),
         (["--steps", "0"], "--steps must be positive integers"),
         (["--steps", "1001"], "only 1000 timesteps"),

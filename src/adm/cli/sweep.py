@@ -17,6 +17,7 @@ SWEEP_EXAMPLES = """examples:
   adm sweep --solvers dpm++2m,unipc --grids karras --steps 8,10,15 --scales 4 --out runs/s
   adm sweep --solvers ddim --grids ddim --steps 25 --out runs/s   # add cells to the same run
   adm sweep --solvers dpm++2m --intervals none,0.5:10 --seeds 0,1,2 --reference none
+  adm sweep --solvers unipc:order=3,edm:churn=40,heun --grids karras --steps 10 --out runs/s
 """
 
 
@@ -34,7 +35,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         epilog=SWEEP_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--solvers", default=",".join(d.solvers), help="default: %(default)s")
+    p.add_argument("--solvers", default=",".join(d.solvers), help="samplers, each optionally "
+                   "with its options: unipc:order=3, edm:churn=40:s_noise=1.003, ddim:eta=1 "
+                   "(default: %(default)s)")  # fmt: skip
     p.add_argument("--grids", default=",".join(d.grids), help="default: %(default)s")
     p.add_argument("--steps", default=_join(d.steps), help="grid sizes (default: %(default)s)")
     p.add_argument("--scales", default=_join(d.scales), help="classifier-guidance scales "
@@ -95,6 +98,22 @@ def _names(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
+def _solvers(text: str) -> tuple[str, ...]:
+    """Sampler names, each optionally with its options: `unipc:order=3`, `edm:churn=40`."""
+    from adm.cli.sweep_run import solver_spec
+    from adm.diffusion.registry import SAMPLER_NAMES
+
+    specs = tuple(dict.fromkeys(_items(text, "--solvers")))
+    for spec in specs:
+        if spec.split(":")[0] not in SAMPLER_NAMES:
+            _names(spec.split(":")[0], "--solvers", SAMPLER_NAMES)  # the unknown-name message
+        try:
+            solver_spec(spec)
+        except ValueError as err:
+            raise UserError(f"--solvers {spec!r}: {err}") from None
+    return specs
+
+
 def _intervals(text: str) -> tuple[Interval, ...]:
     out: list[Interval] = []
     for item in _items(text, "--intervals"):
@@ -125,7 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     from adm.diffusion.registry import SAMPLER_NAMES
 
     return SweepSettings(
-        solvers=_names(args.solvers, "--solvers", SAMPLER_NAMES),
+        solvers=_solvers(args.solvers),
         grids=_names(args.grids, "--grids", GRIDS),
         steps=tuple(dict.fromkeys(_numbers(args.steps, "--steps", int))),
         scales=tuple(dict.fromkeys(_numbers(args.scales, "--scales", float))),

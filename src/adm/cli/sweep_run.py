@@ -37,7 +37,8 @@ Interval = tuple[float, float] | None
 @dataclass(frozen=True)
 class SweepSettings:
     """The cells (every combination of the first six fields, plus the reference per scale) and
-    how many samples each cell draws."""
+    how many samples each cell draws. A solver is a sampler name, or a name with options
+    (`solver_spec`: `unipc:order=3`, `edm:churn=40`)."""
 
     solvers: tuple[str, ...] = ("dpm++2m", "dpm++3m", "unipc", "ddim", "heun", "dpm++2m-sde")
     grids: tuple[str, ...] = ("karras", "ddim")
@@ -73,13 +74,40 @@ class Cell:
         return {"cell": self.key, **dataclasses.asdict(self)}
 
 
-def effective_eta(solver: str, eta: float | None) -> float | None:
-    """The η a solver runs with (None for solvers without one)."""
+def solver_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """A sweep's solver: a sampler name, optionally with its own options after colons
+    (`unipc:order=3`, `edm:churn=40:s_noise=1.003`, `ddim:eta=1`) -> (name, options). A
+    ValueError names what is wrong (unknown sampler, an option it lacks, a value out of range)."""
     from adm.diffusion import registry
 
-    if "eta" not in registry.sampler_info(solver).options:
+    name, *parts = spec.split(":")
+    registry.sampler_info(name)
+    options: dict[str, float] = {}
+    for part in parts:
+        key, sep, text = part.partition("=")
+        try:
+            value = float(text) if sep and key else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise ValueError(f"{part!r} is not OPTION=VALUE (expected NAME or "
+                             "NAME:OPTION=VALUE, e.g. unipc:order=3 or edm:churn=40)")  # fmt: skip
+        options[key] = int(value) if key == "order" and value.is_integer() else value
+    registry.check_options(name, **options)
+    return name, options
+
+
+def effective_eta(solver: str, eta: float | None) -> float | None:
+    """The η a solver (a `solver_spec`) runs with (None for solvers without one): its own
+    `:eta=` first, then the sweep's --eta, then the sampler's default."""
+    from adm.diffusion import registry
+
+    name, options = solver_spec(solver)
+    if "eta" not in registry.sampler_info(name).options:
         return None
-    return eta if eta is not None else (1.0 if solver == "dpm++2m-sde" else 0.0)
+    if "eta" in options:
+        return options["eta"]
+    return eta if eta is not None else (1.0 if name == "dpm++2m-sde" else 0.0)
 
 
 def cells(settings: SweepSettings) -> list[Cell]:
@@ -116,7 +144,7 @@ def check_settings(settings: SweepSettings, diffusion: Diffusion) -> None:
         if not values:
             raise ValueError(f"--{name}: give at least one value")
     for solver in settings.solvers:
-        registry.sampler_info(solver)
+        solver_spec(solver)
     if min(settings.steps) < 1:
         raise ValueError(f"--steps must be positive integers, got {min(settings.steps)}")
     for scale in settings.scales:
@@ -139,7 +167,7 @@ def check_settings(settings: SweepSettings, diffusion: Diffusion) -> None:
     if settings.reference is not None:
         registry.sampler_info(settings.reference[0])
     for cell in cells(settings):
-        least = registry.sampler_info(cell.solver).min_steps
+        least = registry.sampler_info(solver_spec(cell.solver)[0]).min_steps
         if cell.steps < least:
             raise ValueError(f"{cell.solver} needs at least {least} steps (--steps {cell.steps})")
         try:
@@ -195,14 +223,16 @@ def sample_cell(
             on_call(len(x))
         return subject.model_fn(x, t, **kwargs)
 
-    options = {} if cell.eta is None else {"eta": cell.eta}
+    name, options = solver_spec(cell.solver)
+    if cell.eta is not None:
+        options["eta"] = cell.eta
     out, batches = [], 0
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size]
         gens = [sample_generator(cell.seed, start + i, 0, subject.device) for i in range(len(y))]
         noise = draw_noise(torch.empty(len(y), *subject.shape, device=subject.device), gens)
         with torch.no_grad():
-            x = registry.sample(cell.solver, model_fn, diff, noise, timesteps=timesteps,
+            x = registry.sample(name, model_fn, diff, noise, timesteps=timesteps,
                                 cond_fn=cond_fn, model_kwargs={"y": y}, generator=gens,
                                 **options)  # fmt: skip
         out.append(to_uint8(x))
@@ -259,7 +289,7 @@ def run_sweep(
         todo = [c for c in cells(settings) if (c.key, c.seed) not in done]
         labels_np = np.repeat(np.array(settings.classes), settings.per_class)
         labels = torch.from_numpy(labels_np).to(subject.device)
-        work = len(labels) * sum(registry.nfe(c.solver, c.steps) for c in todo)
+        work = len(labels) * sum(registry.nfe(solver_spec(c.solver)[0], c.steps) for c in todo)
         bar = tqdm(total=work, unit="img·NFE", desc="adm sweep", disable=not progress)
         for cell in todo:
             bar.set_postfix_str(f"{cell.solver} {cell.grid} {cell.steps} s={cell.scale:g}")

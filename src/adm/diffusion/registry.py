@@ -18,6 +18,7 @@ halves into one pass, and classifier guidance adds one classifier forward + back
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import get_args
@@ -92,7 +93,7 @@ def check_options(name: str, **options: float | None) -> None:
         ok, rule = _RULES[key]
         if name == "ddim" and key == "eta":
             ok, rule = (lambda v: v >= 0), ">= 0"
-        if not ok(value):  # NaN fails every rule
+        if not math.isfinite(value) or not ok(value):
             raise ValueError(f"{key} of sampler {name!r} must be {rule}, got {value}")
 
 
