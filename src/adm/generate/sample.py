@@ -149,12 +149,9 @@ def _model_fn(run: Run, diff: Diffusion) -> Callable[..., Tensor]:
     """`model_fn(x, t, y=..., low_res=...)` for the samplers: labels only for class-conditional
     networks (an unconditional model can still be classifier-guided), classifier-free guidance
     around it when asked."""
-    model = run.model
-
-    def model_fn(x: Tensor, t: Tensor, y: Tensor | None = None, **kw: Tensor) -> Tensor:
-        return model(x, t, **({"y": y} if run.class_conditional else {}), **kw)
-
-    fn: Callable[..., Tensor] = model_fn
+    fn: Callable[..., Tensor] = run.model
+    if not run.class_conditional:
+        fn = guidance.unconditional_model_fn(run.model)
     if run.job.cfg_scale is not None:
         if run.null_label is None:
             raise ValueError("classifier-free guidance needs the model's null label")
