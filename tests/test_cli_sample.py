@@ -194,7 +194,7 @@ def test_nll_writes_bits_per_dim(ckpts, tmp_path, capsys):
         (("--classes", "a,b"), "expected 'random' or integers"),
         (("--classifier-scale", "1"), "needs --classifier"),
         (("--steps", "ddim600"), "no integer stride"),
-        (("--out", "/proc/forbidden/run"), "cannot write to output folder"),
+        (("--out", "/proc/forbidden/run"), "cannot create output folder /proc/forbidden/run"),
         (("--checkpoint", "missing.pt"), "no such file"),
         (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
         (("--batch-size", "-4"), "--batch-size must be at least 1, got -4"),

@@ -1,6 +1,8 @@
-"""Plumbing importable from every part: atomic writes, torch.distributed, run-time settings.
+"""Plumbing importable from every part: atomic writes, run-folder locks, torch.distributed,
+run-time settings.
 
 - `atomic`: atomic file writes (temporary file + rename)
+- `lock`: one process per run folder (an OS lock that dies with its holder)
 - `dist`: torch.distributed helpers for torchrun
 - `runtime`: device, precision (torch.amp), channels_last, compile
 - `errors`: UserError: bad input shown as one line

@@ -8,6 +8,7 @@ no torch or numpy (the commands import them), so `adm --help` and `adm CMD --hel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -67,7 +68,7 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
                    "1 fresh noise at every step (default 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, run_folder="out")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -328,6 +329,25 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     cli_train.add_commands(sub)
 
 
+def _lock_run_folder(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+    """Commands that write a run folder (`set_defaults(run_folder="out")`) hold its lock while
+    they run (`adm._util.lock`); a second process gets one line naming the holder. Under
+    torchrun only rank 0 locks; a dry run writes nothing and locks nothing."""
+    dest = getattr(args, "run_folder", None)
+    if dest is None or os.environ.get("RANK", "0") != "0" or getattr(args, "dry_run", False):
+        return
+    from adm._util.lock import FolderBusyError, run_folder_lock
+
+    folder = getattr(args, dest)
+    checks.writable_dir(folder, "run folder" if hasattr(args, "train_kind") else "output folder")
+    try:
+        stack.enter_context(run_folder_lock(folder, f"adm {args.command}"))
+    except FolderBusyError as err:
+        raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(f"cannot use output folder {folder}: {os_error_text(err)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     # Commands that accept the original's flag lines verbatim get the unparsed rest.
@@ -339,8 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        code = int(args.func(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        with contextlib.ExitStack() as stack:
+            _lock_run_folder(args, stack)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below
         return code
     except UserError as err:
         print(f"adm {args.command}: error: {err}", file=sys.stderr)

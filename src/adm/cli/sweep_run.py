@@ -13,16 +13,16 @@ skips the cells it holds), `sweep.md` and `sweep.png` (`adm.cli.sweep_report`). 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adm._util.atomic import atomic_path
+from adm._util.lock import run_folder_lock
 
 if TYPE_CHECKING:
     import numpy as np
@@ -272,7 +272,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Sample and measure every cell of `settings` missing from `out_dir/sweep.json`, writing
     the file after each; then sweep.md and sweep.png over all its rows. One process at a time
-    per folder (a lock file; a second one stops with a ValueError)."""
+    per folder (`adm._util.lock`; a second one stops with a ValueError naming the holder)."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -283,7 +283,7 @@ def run_sweep(
     path = out_dir / "sweep.json"
     read_rows(path, subject.setup)  # refuse a foreign sweep.json before creating anything
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(out_dir):
+    with run_folder_lock(out_dir, "adm sweep"):
         rows = read_rows(path, subject.setup)
         done = {(r["cell"], r["seed"]) for r in rows}
         todo = [c for c in cells(settings) if (c.key, c.seed) not in done]
@@ -306,19 +306,6 @@ def run_sweep(
         metric = {"judge": "judge features", "inception": "Inception"}.get(subject.setup["metric"])
         sweep_report.plot(out_dir / "sweep.png", rows, metric)
     return {"format": FORMAT, "setup": subject.setup, "rows": rows, "new": len(todo)}
-
-
-@contextlib.contextmanager
-def _folder_lock(out_dir: Path) -> Iterator[None]:
-    """An exclusive lock on `out_dir/.sweep.lock` (released when the process ends, even killed)."""
-    import fcntl
-
-    with open(out_dir / ".sweep.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another adm sweep is writing to {out_dir}; wait for it") from None
-        yield
 
 
 def write_json(path: Path, setup: dict[str, Any], rows: list[dict[str, Any]]) -> None:

@@ -54,7 +54,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
         _options(p, KINDS[name])
-        p.set_defaults(func=_cmd_train, accepts_original_flags=True, train_kind=KINDS[name])
+        p.set_defaults(func=_cmd_train, accepts_original_flags=True, train_kind=KINDS[name],
+                       run_folder="out")  # fmt: skip
 
 
 def _options(p: argparse.ArgumentParser, kind: str) -> None:
