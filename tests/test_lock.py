@@ -92,3 +92,27 @@ def test_cli_bad_option_leaves_no_folder(tmp_path, capsys):
     argv = ["sample", "--checkpoint", "fmnist_diffusion", "--num-samples", "0", "--out", str(out)]
     assert cli.main(argv) == 2
     assert "--num-samples" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """Disk full in the middle of rewriting run.json (or a report, a PNG): the old file stays
+    whole, no 0-byte file and no temporary is left (the ENOSPC of issue 16)."""
+    import errno
+    from pathlib import Path
+
+    from adm._util.atomic import atomic_write_text
+
+    target = tmp_path / "run.json"
+    target.write_text('{"seed": 5}\n')
+    real = Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        real(self, text[:3])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(target, '{"seed": 6}\n')
+    monkeypatch.undo()
+    assert target.read_text() == '{"seed": 5}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]

@@ -42,6 +42,11 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[Path], None]) -> None
         write(tmp)
 
 
+def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
+    """Write `text` to `dest` atomically (JSON records, reports, logs)."""
+    atomic_write(dest, lambda tmp: tmp.write_text(text))
+
+
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Raise `ValueError` (one sentence) unless `path` is a folder, or can be created as one, in
     which files can be written. Leaves nothing behind: the probe is a temporary folder inside the

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from adm._util import dist, runtime
-from adm._util.atomic import atomic_path
+from adm._util.atomic import atomic_path, atomic_write_text
 from adm._util.runtime import Precision
 from adm.diffusion import guidance, registry
 from adm.diffusion.gaussian import Diffusion, DiffusionConfig
@@ -214,7 +214,7 @@ def prepare_output(out_dir: Path, resume: bool, num_batches: int, record: dict) 
             f"{out_dir} holds a run with other settings (see {run_file}); --resume continues "
             "only the same run: choose another --out"
         )
-    run_file.write_text(text)
+    atomic_write_text(run_file, text)  # a failed write leaves the old run.json, never 0 bytes
     return done
 
 
@@ -288,13 +288,12 @@ def write_outputs(run: Run, num_batches: int) -> dict[str, Path]:
     if job.save_pngs:
         (out_dir / "images").mkdir(exist_ok=True)
         for i, image in enumerate(images):
-            Image.fromarray(image.squeeze(-1) if c == 1 else image).save(
-                out_dir / "images" / f"{i:06d}.png"
-            )
+            with atomic_path(out_dir / "images" / f"{i:06d}.png") as tmp:
+                Image.fromarray(image.squeeze(-1) if c == 1 else image).save(tmp, format="PNG")
         paths["images"] = out_dir / "images"
     paths["settings"] = out_dir / "settings.json"
     record = run_record(run)
-    paths["settings"].write_text(json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(paths["settings"], json.dumps(record, indent=2, default=str) + "\n")
     return paths
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adm._util.atomic import atomic_path
+
 
 class MetricMeter:
     """Accumulates per-step values between two log lines; `means()` averages them."""
@@ -67,7 +69,8 @@ class CSVLog:
             self._write([])
 
     def _write(self, rows: list[dict]) -> None:
-        with open(self.path, "w", newline="") as f:
+        """The header and `rows`, written atomically (a kill leaves the old log or the new)."""
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
@@ -147,4 +150,5 @@ def save_grid(images: Tensor, path: Path, nrow: int | None = None) -> None:
         r, col = divmod(i, nrow)
         grid[:, r * h : (r + 1) * h, col * w : (col + 1) * w] = arr[i]
     out = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(out[..., 0] if c == 1 else out).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(out[..., 0] if c == 1 else out).save(tmp, format="PNG")

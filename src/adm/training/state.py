@@ -18,14 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adm._util.atomic import atomic_write
+from adm._util.atomic import atomic_write, atomic_write_text
 
 STATE_FORMAT = "adm-train-state-1"
 _STATE_RE = re.compile(r"^state_(\d+)\.pt$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def format_rate(rate: float) -> str:
