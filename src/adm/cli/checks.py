@@ -8,6 +8,7 @@ training have run.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from adm._util.atomic import check_writable_dir
@@ -42,3 +43,11 @@ def writable_dir(path: str | os.PathLike, what: str = "output folder") -> None:
         check_writable_dir(path, what)
     except ValueError as err:
         raise UserError(str(err)) from None
+
+
+def finite(args: argparse.Namespace, *dests: str) -> None:
+    """Each named float option, where given, is a finite number (not nan, inf or -inf)."""
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{flag(dest)} must be a finite number, got {value}")

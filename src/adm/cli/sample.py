@@ -234,6 +234,7 @@ def _parse_classes(text: str) -> tuple[int, ...] | None:
 def _check_sampling_options(args: argparse.Namespace) -> None:
     """Counts and eta of `sample`/`upsample`, before any model loads."""
     checks.at_least(args, {"num_samples": 1, "batch_size": 1, "seed": 0})
+    checks.finite(args, "eta", "classifier_scale", "cfg_scale", "churn", "s_noise")
     checks.in_range(args, "eta", 0.0)  # the sampler's own range is checked with the job
 
 
@@ -301,12 +302,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _run(run, args: argparse.Namespace) -> int:
-    from adm.generate.sample import run_sampling
+    from adm.generate.sample import NonFiniteError, run_sampling
 
     try:
         paths = run_sampling(run, resume=args.resume, progress=not args.no_progress)
     except ValueError as err:
         raise UserError(str(err)) from None
+    except NonFiniteError as err:
+        print(f"adm {args.command}: error: {err}", file=sys.stderr)
+        return 1
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

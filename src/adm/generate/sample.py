@@ -32,6 +32,10 @@ from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 from adm.diffusion.registry import SamplerName
 
 
+class NonFiniteError(RuntimeError):
+    """A sampled batch holds NaN or inf: the run stops before writing it."""
+
+
 @dataclass(frozen=True)
 class SampleJob:
     """What to sample. `steps` is the original's respacing string ("250", "ddim25", "25"), or
@@ -258,6 +262,12 @@ def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> di
         indices = list(range(k * job.batch_size, min((k + 1) * job.batch_size, job.num_samples)))
         with runtime.autocast(device, job.precision):  # bf16/fp16 on CUDA only
             images = sample_batch(run, diff, indices, device)
+        if not torch.isfinite(images).all():
+            raise NonFiniteError(
+                f"sampling produced NaN or inf in batch {k} (samples {indices[0]}-{indices[-1]}); "
+                "nothing of it was written (finished batches are kept). A guidance scale too "
+                "large for this precision, or a diverged model, causes this"
+            )
         _atomic_savez(_batch_path(out_dir, k), images=to_uint8(images), indices=np.array(indices))
         if bar is not None:
             count += len(indices) * info.world_size

@@ -351,12 +351,24 @@ def load_model(
             f"{path}: does not fit preset {preset.name!r}: {'; '.join(diffs[:5])}"
             + ("; ..." if len(diffs) > 5 else "")
         )
+    _check_finite(path, state_dict)
     model = build_model(preset, device="meta")
     model.load_state_dict(state_dict, strict=True, assign=True)
     model = model.to(device=device or "cpu")
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval(), preset
+
+
+def _check_finite(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """A damaged or diverged checkpoint (NaN or inf in a weight) is refused at load, not after
+    it has sampled black images or trained on."""
+    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}): the checkpoint "
+            "is damaged or comes from a diverged training run"
+        )
 
 
 def save_model(model: nn.Module, preset: Preset, path: str | os.PathLike) -> Path:

@@ -1,0 +1,65 @@
+"""Non-finite numbers never turn into black images with exit 0 (issue 16): float options must be
+finite, a checkpoint with NaN weights is refused at load, and a batch that diverges stops the run
+with exit 1 before anything of it is written. Run through the CLI, as a user hits them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adm.cli import main as cli
+from adm.models import checkpoint, presets
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--classifier", "fmnist_classifier", "--classifier-scale", "nan"],
+         "--classifier-scale must be a finite number, got nan"),
+        (["--classifier", "fmnist_classifier", "--classifier-scale=-inf"],
+         "--classifier-scale must be a finite number, got -inf"),
+        (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+        (["--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number, got nan"),
+        (["--sampler", "edm", "--grid", "karras", "--steps", "4", "--s-noise", "inf"],
+         "--s-noise must be a finite number, got inf"),
+    ],
+)  # fmt: skip
+def test_non_finite_options_are_one_line(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    argv = ["sample", "--checkpoint", "fmnist_diffusion", "--num-samples", "2", "--out", str(out)]
+    assert cli.main([*argv, *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"adm sample: error: {message}"
+    assert not out.exists()
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):
+    preset = presets.get_preset("tiny_diffusion")
+    torch.manual_seed(0)
+    model = presets.build_model(preset)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[3] = float("nan")
+    path = checkpoint.save_model(model, preset, tmp_path / "diverged.safetensors")
+    argv = ["sample", "--checkpoint", str(path), "--num-samples", "2", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"adm sample: error: {path}: 1 tensor(s) hold NaN or inf values (e.g. ")
+    assert err.endswith("the checkpoint is damaged or comes from a diverged training run")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_diverging_batch_stops_with_exit_1_and_writes_nothing_of_it(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "adm", "sample", "--checkpoint", "fmnist_diffusion",
+           "--classifier", "fmnist_classifier", "--classifier-scale", "1e38", "--steps", "3",
+           "--num-samples", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "adm sample: error: sampling produced NaN or inf in batch 0 (samples 0-1); nothing of it "
+        "was written (finished batches are kept). A guidance scale too large for this precision, "
+        "or a diverged model, causes this"
+    ]
+    assert list((out / "batches").iterdir()) == [] and not list(out.glob("samples_*.npz"))
