@@ -1,5 +1,6 @@
-"""Fault and distribution tests with real processes: a training run (LR annealed) killed with
-SIGKILL and rerun ends bitwise equal to an uninterrupted one (CPU), and 2 gloo processes under
+"""Fault and distribution tests with real processes: a training run (LR annealed, dropout 0.1)
+killed with SIGKILL, or stopped with SIGTERM, and rerun ends bitwise equal to an uninterrupted one
+(CPU), and 2 gloo processes under
 torchrun give the parameters of 1 process with the same global batch."""
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ARGS = [
     "--save-interval", "2", "--log-interval", "2", "--ema-rate", "0.9,0.99",
     "--timestep-sampler", "loss-second-moment", "--lr", "1e-4", "--anneal-lr", "--no-progress",
 ]  # fmt: skip
+DROPOUT = ["--set", "unet.dropout=0.1"]  # the kill tests: each step's dropout must resume too
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -58,6 +60,7 @@ class Background:
 
     def __init__(self, images: Path, root: Path):
         self.reference, self.gloo = root / "reference", root / "gloo"
+        self.dropout = root / "dropout"
         launcher = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
             "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -66,6 +69,7 @@ class Background:
         self.procs = {
             "reference": _start(_adm("--data", str(images), "--out", str(self.reference))),
             "gloo": _start([*launcher, *ARGS, "--data", str(images), "--out", str(self.gloo)]),
+            "dropout": _start(_adm(*DROPOUT, "--data", str(images), "--out", str(self.dropout))),
         }
 
     def wait(self, name: str) -> Path:
@@ -97,7 +101,7 @@ def _weights(run_dir: Path, step: int = STEPS) -> dict[str, dict[str, torch.Tens
 
 
 def test_sigkill_mid_run_then_rerun_is_bitwise_equal(images: Path, background, tmp_path):
-    cmd = _adm("--data", str(images), "--out", str(tmp_path))
+    cmd = _adm(*DROPOUT, "--data", str(images), "--out", str(tmp_path))
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (tmp_path / "state_000002.pt").exists() and time.monotonic() < deadline:
@@ -107,7 +111,7 @@ def test_sigkill_mid_run_then_rerun_is_bitwise_equal(images: Path, background, t
     done = train_state.checkpoint_steps(tmp_path)
     assert 2 in done and STEPS not in done, done  # killed mid-run, not after the end
     subprocess.run(cmd, env=ENV, check=True, timeout=300, capture_output=True)
-    reference = background.wait("reference")
+    reference = background.wait("dropout")
     ours, theirs = _weights(tmp_path), _weights(reference)
     for name in ours:
         for key in theirs[name]:
@@ -120,6 +124,39 @@ def test_sigkill_mid_run_then_rerun_is_bitwise_equal(images: Path, background, t
     ours_log = (tmp_path / "log.csv").read_text().splitlines()
     ref_log = (reference / "log.csv").read_text().splitlines()
     assert [r.split(",")[:5] for r in ours_log] == [r.split(",")[:5] for r in ref_log]
+
+
+def test_sigterm_stops_at_a_step_boundary_saves_and_resumes_bitwise(images, background, tmp_path):
+    """SIGTERM (what SLURM and Kubernetes send): the step in progress finishes, a checkpoint is
+    saved, one line says so, exit status 143; rerunning the same command ends bitwise equal to the
+    uninterrupted run (dropout > 0 and an annealed LR, so each step's randomness must resume)."""
+    cmd = _adm(*DROPOUT, "--data", str(images), "--out", str(tmp_path), "--save-interval", "100")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while "step" not in _read(tmp_path / "log.csv") and time.monotonic() < deadline:
+        time.sleep(0.005)  # the header is written before the first step
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    step = max(train_state.checkpoint_steps(tmp_path))
+    assert 0 < step < STEPS
+    assert err.strip().splitlines()[-1] == (
+        f"adm train: stopped by SIGTERM at step {step}: checkpoint saved in {tmp_path}; rerun the "
+        "same command to resume"
+    )
+    subprocess.run(cmd, env=ENV, check=True, timeout=300, capture_output=True)
+    ours, theirs = _weights(tmp_path), _weights(background.wait("dropout"))
+    for name in ours:
+        for key in theirs[name]:
+            assert torch.equal(ours[name][key], theirs[name][key]), (name, key)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def test_two_gloo_processes_equal_one_process(background) -> None:

@@ -3,6 +3,7 @@ run-time settings.
 
 - `atomic`: atomic file writes (temporary file + rename)
 - `lock`: one process per run folder (an OS lock that dies with its holder)
+- `signals`: SIGINT/SIGTERM stop long loops at their next boundary (exit 130/143)
 - `dist`: torch.distributed helpers for torchrun
 - `runtime`: device, precision (torch.amp), channels_last, compile
 - `errors`: UserError: bad input shown as one line

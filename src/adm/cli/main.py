@@ -358,15 +358,25 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    from adm._util.signals import Interrupted, stop_on_signals
+
     try:
         with contextlib.ExitStack() as stack:
             _lock_run_folder(args, stack)
+            if getattr(args, "stops_cleanly", False):  # loops that stop at a boundary on a signal
+                stack.enter_context(stop_on_signals())
             code = int(args.func(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, inside the handler below
         return code
     except UserError as err:
         print(f"adm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"adm {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a loop that stops cleanly: no traceback
+        print(f"\nadm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `adm presets | head`: the reader left early; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -56,7 +56,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-null-label", type=int, help="null label (default: last class index)")
     p.add_argument("--classes", default="random", help="'random' or a list such as 1,7,207")
     _sampling_options(p)
-    p.set_defaults(func=_cmd_sample, accepts_original_flags=True, run_folder="out")
+    p.set_defaults(func=_cmd_sample, accepts_original_flags=True, run_folder="out",
+                   stops_cleanly=True)  # fmt: skip
 
     p = sub.add_parser(
         "upsample",
@@ -68,7 +69,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _model_options(p)
     p.add_argument("--base", required=True, help="base samples .npz (e.g. from adm sample)")
     _sampling_options(p, num_samples=None)
-    p.set_defaults(func=_cmd_upsample, accepts_original_flags=True, run_folder="out")
+    p.set_defaults(func=_cmd_upsample, accepts_original_flags=True, run_folder="out",
+                   stops_cleanly=True)  # fmt: skip
 
     p = sub.add_parser(
         "nll",

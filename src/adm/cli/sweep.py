@@ -67,7 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(default: %(default)s; images do not depend on it)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_sweep)
+    p.set_defaults(func=_cmd_sweep, stops_cleanly=True)  # run_sweep locks the folder itself
 
 
 def _join(values) -> str:

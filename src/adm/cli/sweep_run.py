@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adm._util import signals
 from adm._util.atomic import atomic_path
 from adm._util.lock import run_folder_lock
 
@@ -300,6 +301,13 @@ def run_sweep(
             rows.append(row)
             write_json(path, subject.setup, rows)
             sweep_report.write_markdown(out_dir, subject.setup, rows)
+            if signals.requested():
+                bar.close()
+                raise signals.Interrupted(
+                    signals.requested(),
+                    f"stopped by {signals.name(signals.requested())} after {len(rows)} cell(s) "
+                    f"in {path}; rerun the same command to add the rest",
+                )
         bar.close()
         write_json(path, subject.setup, rows)
         sweep_report.write_markdown(out_dir, subject.setup, rows)

@@ -55,7 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         )  # fmt: skip
         _options(p, KINDS[name])
         p.set_defaults(func=_cmd_train, accepts_original_flags=True, train_kind=KINDS[name],
-                       run_folder="out")  # fmt: skip
+                       run_folder="out", stops_cleanly=True)  # fmt: skip
 
 
 def _options(p: argparse.ArgumentParser, kind: str) -> None:

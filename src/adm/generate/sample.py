@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from adm._util import dist, runtime
+from adm._util import dist, runtime, signals
 from adm._util.atomic import atomic_path, atomic_write_text
 from adm._util.runtime import Precision
 from adm.diffusion import guidance, registry
@@ -269,6 +269,14 @@ def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> di
                 "large for this precision, or a diverged model, causes this"
             )
         _atomic_savez(_batch_path(out_dir, k), images=to_uint8(images), indices=np.array(indices))
+        if signals.requested():
+            finished = len(list((out_dir / "batches").glob("batch_*.npz")))
+            raise signals.Interrupted(
+                signals.requested(),
+                f"stopped by {signals.name(signals.requested())} with {finished} of {num_batches} "
+                f"batches finished (kept in {out_dir / 'batches'}); rerun the same command with "
+                "--resume to continue",
+            )
         if bar is not None:
             count += len(indices) * info.world_size
             bar.update(len(indices) * info.world_size)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from adm._util import dist
+from adm._util import dist, signals
 from adm.data import datasets as datalib
 from adm.diffusion.gaussian import Diffusion, q_sample
 from adm.diffusion.samplers import ddim_sample
@@ -125,11 +125,30 @@ def run(tr: Trainer) -> dict[str, Any]:
                     plot_curves(log, tr.run_dir / "loss.png", ["loss", *keys])
                     plotted = time.monotonic()
                 clock = time.perf_counter()
+            if not final:
+                _stop_if_signalled(tr, saved=step % cfg.save_interval == 0)
     finally:
         bar.close()
         if tb is not None:
             tb.close()
     return {**summary, **tr.to_summary()}
+
+
+def _stop_if_signalled(tr: Trainer, saved: bool) -> None:
+    """After a step: on SIGINT/SIGTERM (rank 0's decides, so every rank stops at the same step)
+    save a checkpoint unless this step just did, and stop with `signals.Interrupted`."""
+    sig = signals.requested()
+    if tr.info.world_size > 1:
+        sig = dist.broadcast_object(sig)
+    if not sig:
+        return
+    if not saved:
+        tr.save()
+    raise signals.Interrupted(
+        sig,
+        f"stopped by {signals.name(sig)} at step {tr.step}: checkpoint saved in {tr.run_dir}; "
+        "rerun the same command to resume",
+    )
 
 
 def _note_bad_images(tr: Trainer, bad: list[datalib.BadImage]) -> None:
