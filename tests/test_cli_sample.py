@@ -113,7 +113,7 @@ def test_samplers_grids_and_options_from_the_command_line(ckpts, tmp_path, extra
     assert np.load(out / "samples_2x32x32x3.npz")["arr_0"].std() > 0
 
 
-def test_resume_keeps_finished_batches(ckpts, tmp_path):
+def test_resume_keeps_finished_batches(ckpts, tmp_path, capsys):
     out = tmp_path / "run"
     assert _sample(ckpts, out, "--batch-size", "2", "--sampler", "ddpm") == 0
     first = np.load(out / "samples_4x32x32x3.npz")["arr_0"]
@@ -123,8 +123,18 @@ def test_resume_keeps_finished_batches(ckpts, tmp_path):
     assert _sample(ckpts, out, "--batch-size", "2", "--sampler", "ddpm", "--resume") == 0
     assert (out / "batches" / "batch_000000.npz").stat().st_mtime_ns == kept
     np.testing.assert_array_equal(np.load(out / "samples_4x32x32x3.npz")["arr_0"], first)
-    # resuming with other settings is refused
+    # resuming with other settings is refused, naming each difference
     assert _sample(ckpts, out, "--batch-size", "2", "--seed", "9", "--resume") == 2
+    assert '(job.sampler: "ddpm" -> "ddim"; job.seed: 0 -> 9)' in capsys.readouterr().err
+    # ... and so is a checkpoint replaced at the same path (samples of two models in one run)
+    moved = _save("tiny_diffusion", tmp_path / "model.safetensors", 0, num_classes=10)
+    args = ["--batch-size", "2", "--sampler", "ddpm"]
+    assert _sample({**ckpts, "model": moved}, tmp_path / "b", *args) == 0
+    (tmp_path / "b" / "batches" / "batch_000001.npz").unlink()
+    _save("tiny_diffusion", moved, 1, num_classes=10)  # other weights, same path and preset
+    assert _sample({**ckpts, "model": moved}, tmp_path / "b", *args, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a run with other settings (checkpoint_sha256: " in err and err.count("\n") == 0
 
 
 def _free_port() -> int:

@@ -6,5 +6,6 @@ run-time settings.
 - `signals`: SIGINT/SIGTERM stop long loops at their next boundary (exit 130/143)
 - `dist`: torch.distributed helpers for torchrun
 - `runtime`: device, precision (torch.amp), channels_last, compile
+- `digest`: SHA-256 of files (a checkpoint's identity)
 - `errors`: UserError: bad input shown as one line
 """

@@ -298,9 +298,24 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         num_classes=num_classes, class_conditional=net.num_classes is not None,
         classifier=classifier, null_label=null_label,
         settings={"model": preset.name, "checkpoint": args.checkpoint,
-                  "classifier": args.classifier, "device": str(device)},
+                  "classifier": args.classifier, "device": str(device),
+                  **_digests(checkpoint=args.checkpoint, classifier=args.classifier)},
     )  # fmt: skip
     return _run(run, args)
+
+
+def _digests(**files: str | None) -> dict[str, str]:
+    """`<name>_sha256` of each input file given: a run's identity, so that `--resume` refuses a
+    checkpoint replaced at the same path (samples of two models in one batch set)."""
+    from adm._util.digest import sha256_file
+    from adm.models.checkpoint import resolve_checkpoint
+
+    out = {}
+    for name, given in files.items():
+        if given:
+            path = resolve_checkpoint(given) if name != "base" else given
+            out[f"{name}_sha256"] = sha256_file(path)
+    return out
 
 
 def _run(run, args: argparse.Namespace) -> int:
@@ -362,7 +377,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         num_classes=net.num_classes, class_conditional=net.num_classes is not None,
         low_res=base["arr_0"][: job.num_samples],
         labels=(labels if labels is not None else np.zeros(n, int))[: job.num_samples],
-        settings={"model": preset.name, "checkpoint": args.checkpoint, "base": args.base},
+        settings={"model": preset.name, "checkpoint": args.checkpoint, "base": args.base,
+                  **_digests(checkpoint=args.checkpoint, base=args.base)},
     )  # fmt: skip
     return _run(run, args)
 

@@ -214,12 +214,47 @@ def prepare_output(out_dir: Path, resume: bool, num_batches: int, record: dict) 
             "continue it, or choose another --out"
         )
     if resume and run_file.exists() and run_file.read_text() != text:
+        changes = _differences(_read_record(run_file), json.loads(text))
         raise ValueError(
-            f"{out_dir} holds a run with other settings (see {run_file}); --resume continues "
-            "only the same run: choose another --out"
+            f"{out_dir} holds a run with other settings ({changes}); --resume continues only "
+            "the same run: choose another --out"
         )
     atomic_write_text(run_file, text)  # a failed write leaves the old run.json, never 0 bytes
     return done
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _flat(record: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(old: dict, new: dict) -> str:
+    """ "job.seed: 5 -> 6; checkpoint_sha256: 1a2b3c4d… -> 9f8e7d6c…" for what differs."""
+    a, b = _flat(old), _flat(new)
+
+    def show(value: object) -> str:
+        text = "(absent)" if value is _ABSENT else json.dumps(value, default=str)
+        return text[:13] + "…" if len(text) > 16 else text
+
+    keys = [k for k in dict.fromkeys([*b, *a]) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    parts = [f"{k}: {show(a.get(k, _ABSENT))} -> {show(b.get(k, _ABSENT))}" for k in keys[:6]]
+    return "; ".join(parts) + ("; ..." if len(keys) > 6 else "") or "run.json is unreadable"
+
+
+_ABSENT = object()
 
 
 def run_record(run: Run) -> dict:
