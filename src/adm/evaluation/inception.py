@@ -210,6 +210,9 @@ class InceptionE(nn.Module):
 class InceptionV3(nn.Module):
     """The evaluator's Inception graph: uint8 NHWC images of any size -> `InceptionFeatures`."""
 
+    # Network and preprocessing, part of every feature-cache key (with the weights' SHA-256).
+    network_id = "inception-2015-12-05|tf1-bilinear-299|(x-128)/128|float32"
+
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)  # conv
