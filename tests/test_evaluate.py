@@ -275,6 +275,8 @@ def test_download_checks_sha256_and_is_atomic(http_root, tmp_path, monkeypatch) 
     digest = hashlib.sha256(payload).hexdigest()
     cache = tmp_path / "cache"
     monkeypatch.setenv("ADM_CACHE_DIR", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no file from the user's caches
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsError, match="SHA-256"):
         inception.resolve_weights(url=f"{base}/w.pth", sha256="0" * 64, progress=False)
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-written is left
@@ -286,6 +288,8 @@ def test_download_checks_sha256_and_is_atomic(http_root, tmp_path, monkeypatch) 
 
 def test_offline_message_says_where_to_put_the_file(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("ADM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsError) as info:
         inception.resolve_weights(url="http://127.0.0.1:9/nothing", progress=False)
     message = str(info.value)

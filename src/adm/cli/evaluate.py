@@ -141,29 +141,44 @@ def _device(args: argparse.Namespace):
     return device
 
 
-def _inception(args: argparse.Namespace, device):
+def _weights(args: argparse.Namespace, need_inception: bool, need_dinov2: bool):
+    """Paths of the weights the run needs, found (or downloaded) before torch is imported: an
+    offline machine hears what to do within seconds."""
+    from adm.evaluation import weights
+
+    try:
+        inc = weights.resolve(weights.INCEPTION, args.inception_weights) if need_inception else None
+        dino = weights.resolve(weights.DINOV2, args.dinov2_weights) if need_dinov2 else None
+    except weights.WeightsError as err:
+        raise UserError(str(err)) from err
+    return inc, dino
+
+
+def _inception(path, device):
     from adm.evaluation import inception
 
     try:
-        weights = inception.resolve_weights(args.inception_weights)
-        model = inception.load_inception(weights, device)
+        model = inception.load_inception(path, device)
     except inception.WeightsError as err:
         raise UserError(str(err)) from err
     if model.weights_id != inception.WEIGHTS_SHA256:
         _note(
-            f"{weights} is not {inception.WEIGHTS_FILENAME} (SHA-256 differs): numbers are not "
+            f"{path} is not {inception.WEIGHTS_FILENAME} (SHA-256 differs): numbers are not "
             "comparable with published ones"
         )
     return model
 
 
-def _dinov2(args: argparse.Namespace, device):
+def _dinov2(path, device):
     from adm.evaluation import dinov2
 
     try:
-        return dinov2.load_dinov2(dinov2.resolve_weights(args.dinov2_weights), device)
+        model = dinov2.load_dinov2(path, device)
     except dinov2.WeightsError as err:
         raise UserError(str(err)) from err
+    _note(f"DINOv2 weights {path}: SHA-256 {model.weights_id} (no published value to compare "
+          "with; keys and shapes loaded strictly)")  # fmt: skip
+    return model
 
 
 def _note(text: str) -> None:
@@ -190,18 +205,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from adm.evaluation import batches, evaluate, inputs
+    from adm.evaluation import batches, inputs
 
     _check_counts(args)
     try:
         metrics = inputs.parse_metrics(args.metrics)
-        ref, sample = evaluate.check_eval_inputs(args.ref, args.sample, metrics)
+        ref, sample = inputs.open_input(args.ref), inputs.open_input(args.sample)
+        inputs.check_requirements(metrics, ref, sample)
         if args.json:
             batches.check_output_path(args.json)
-        need_inception, need_dinov2 = evaluate.networks_needed(metrics, ref, sample)
+        inc_path, dino_path = _weights(args, *inputs.networks_needed(metrics, ref, sample))
         device = _device(args)
-        model = _inception(args, device) if need_inception else None
-        dino = _dinov2(args, device) if need_dinov2 else None
+        from adm.evaluation import evaluate
+
+        model = _inception(inc_path, device) if inc_path else None
+        dino = _dinov2(dino_path, device) if dino_path else None
         _notes(ref.images, sample.images)  # after every check: an error stays one line
         settings = evaluate.Settings(
             batch_size=args.batch_size, use_cache=not args.no_cache, distance_mode=args.pr_mode,
@@ -240,7 +258,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     try:
         source = batches.open_source(args.source)
         out = batches.check_output_path(args.out)
-        model = _inception(args, _device(args))
+        inc_path, _ = _weights(args, True, False)
+        model = _inception(inc_path, _device(args))
         _notes(source)
         evaluate.build_reference_batch(
             source, out, model, num_images=args.num_images, seed=args.seed,

@@ -33,6 +33,8 @@ from adm.evaluation.inputs import (
     STATS_OF,
     EvalInput,
     check_requirements,
+    needs_inception,
+    networks_needed,  # noqa: F401  (re-exported)
     open_input,
     uses_stats,
 )
@@ -98,24 +100,6 @@ def check_eval_inputs(
     return ref, sample
 
 
-def _needs_inception(metric: str, inp: EvalInput, side: str) -> bool:
-    if metric == "is":
-        return side == "sample"
-    if metric in ("pr", "kid"):
-        return True
-    return metric in ("fid", "sfid") and not uses_stats(metric, inp, side)
-
-
-def networks_needed(
-    metrics: tuple[str, ...], ref: EvalInput, sample: EvalInput
-) -> tuple[bool, bool]:
-    """(Inception, DINOv2): whether any chosen metric needs features of either side's images."""
-    sides = (("ref", ref), ("sample", sample))
-    inception = any(_needs_inception(m, inp, s) for m in metrics for s, inp in sides)
-    dinov2 = "fd_dinov2" in metrics and any(not uses_stats("fd_dinov2", inp, s) for s, inp in sides)
-    return inception, dinov2
-
-
 def _side_stats(
     metric: str, inp: EvalInput, side: str, feats: BatchFeatures | None, dino
 ) -> GaussianStats:
@@ -142,7 +126,7 @@ def evaluate_inputs(
     sides = {"ref": ref, "sample": sample}
     inc, dino = {}, {}
     for side, inp in sides.items():
-        if any(_needs_inception(m, inp, side) for m in metrics):
+        if any(needs_inception(m, inp, side) for m in metrics):
             inc[side] = batch_features(inp.images, inception, **kw)
         if "fd_dinov2" in metrics and not uses_stats("fd_dinov2", inp, side):
             dino[side] = batch_dinov2(inp.images, dinov2, **kw)

@@ -134,3 +134,22 @@ def check_requirements(metrics: tuple[str, ...], ref: EvalInput, sample: EvalInp
                 low = 0 if uses_stats(metric, inp, side) else MIN_IMAGES["stats"]
             if inp.images.n < low:
                 raise BatchError(f"{inp.spec}: {inp.images.n} images; {metric} needs >= {low}")
+
+
+def needs_inception(metric: str, inp: EvalInput, side: str) -> bool:
+    """Whether `metric` needs Inception features of this side's images."""
+    if metric == "is":
+        return side == "sample"
+    if metric in ("pr", "kid"):
+        return True
+    return metric in ("fid", "sfid") and not uses_stats(metric, inp, side)
+
+
+def networks_needed(
+    metrics: tuple[str, ...], ref: EvalInput, sample: EvalInput
+) -> tuple[bool, bool]:
+    """(Inception, DINOv2): whether any chosen metric needs features of either side's images."""
+    sides = (("ref", ref), ("sample", sample))
+    inception = any(needs_inception(m, inp, s) for m in metrics for s, inp in sides)
+    dinov2 = "fd_dinov2" in metrics and any(not uses_stats("fd_dinov2", inp, s) for s, inp in sides)
+    return inception, dinov2
