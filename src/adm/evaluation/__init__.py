@@ -1,6 +1,7 @@
 """The paper's evaluation: FID, sFID, Inception Score, precision and recall; KID, FD-DINOv2.
 
 - `inception`: PyTorch port of the 2015 Inception graph with the TF1 resize
+- `dinov2`: DINOv2 ViT-L/14 in plain PyTorch (official state dict, strict) for FD-DINOv2
 - `weights`: where weights files are looked for (adm, torch hub), SHA-256, the download
 - `batches`: reading sample and reference batches (.npz), image folders and globs
 - `inputs`: what each side of `adm eval` is (images and/or statistics), what each metric needs
