@@ -228,3 +228,32 @@ def test_bad_metric_choices_fail_in_one_line(tmp_path, capsys, argv, message) ->
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("adm eval: error: ") and message in err, err
+
+
+# --------------------------------------------------------------------------- the feature cache
+
+
+def test_the_cache_is_keyed_by_network_preprocessing_and_weights(tmp_path) -> None:
+    from adm.evaluation import features
+
+    batch = tmp_path / "b.npz"
+    np.savez(batch, arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    source = batches.open_npz_batch(batch)
+    calls = []
+
+    def compute(value):
+        def run():
+            calls.append(value)
+            return {"rows_x": np.full((3, 2), value), "mu": np.array([value])}
+
+        return run
+
+    first = features.cached_arrays(source, "net-a|prep-1|sha-1", compute(1.0))
+    again = features.cached_arrays(source, "net-a|prep-1|sha-1", compute(2.0))
+    assert calls == [1.0] and np.array_equal(again["rows_x"], first["rows_x"])
+    for other in ("net-b|prep-1|sha-1", "net-a|prep-2|sha-1", "net-a|prep-1|sha-2"):
+        assert features.cached_arrays(source, other, compute(3.0))["mu"][0] == 3.0
+    assert len(calls) == 4 and len(list(tmp_path.glob("b.npz.adm-features-*.npz"))) == 4
+    np.savez(batch, arr_0=np.ones((3, 8, 8, 3), np.uint8))  # new content: a new key
+    assert features.cached_arrays(source, "net-a|prep-1|sha-1", compute(4.0))["mu"][0] == 4.0
+    assert features.cached_arrays(source, None, compute(5.0))["mu"][0] == 5.0  # never cached

@@ -125,6 +125,12 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="Inception in NHWC memory format (may pay on a GPU; equal up to float32 roundoff; "
+        "see benchmarks/bench_eval.py)",
+    )
 
 
 def _device(args: argparse.Namespace):
@@ -154,11 +160,11 @@ def _weights(args: argparse.Namespace, need_inception: bool, need_dinov2: bool):
     return inc, dino
 
 
-def _inception(path, device):
+def _inception(args: argparse.Namespace, path, device):
     from adm.evaluation import inception
 
     try:
-        model = inception.load_inception(path, device)
+        model = inception.load_inception(path, device).use_channels_last(args.channels_last)
     except inception.WeightsError as err:
         raise UserError(str(err)) from err
     if model.weights_id != inception.WEIGHTS_SHA256:
@@ -218,7 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device = _device(args)
         from adm.evaluation import evaluate
 
-        model = _inception(inc_path, device) if inc_path else None
+        model = _inception(args, inc_path, device) if inc_path else None
         dino = _dinov2(dino_path, device) if dino_path else None
         _notes(ref.images, sample.images)  # after every check: an error stays one line
         settings = evaluate.Settings(
@@ -259,7 +265,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         source = batches.open_source(args.source)
         out = batches.check_output_path(args.out)
         inc_path, _ = _weights(args, True, False)
-        model = _inception(inc_path, _device(args))
+        model = _inception(args, inc_path, _device(args))
         _notes(source)
         evaluate.build_reference_batch(
             source, out, model, num_images=args.num_images, seed=args.seed,

@@ -181,7 +181,8 @@ def batch_features(
                 "sigma": f.pool_stats.sigma, "mu_s": f.spatial_stats.mu,
                 "sigma_s": f.spatial_stats.sigma}  # fmt: skip
 
-    network = f"{model.network_id}|{model.weights_id}" if model.weights_id else None
+    layout = "|channels_last" if model.channels_last else ""  # roundoff-level differences
+    network = f"{model.network_id}|{model.weights_id}{layout}" if model.weights_id else None
     d = cached_arrays(source, network, compute, use_cache=use_cache)
     return BatchFeatures(d["rows_pool"], d["rows_logits"], GaussianStats(d["mu"], d["sigma"]),
                          GaussianStats(d["mu_s"], d["sigma_s"]))  # fmt: skip

@@ -230,6 +230,12 @@ class InceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, "max")
         self.fc = nn.Linear(2048, 1008)  # softmax/weights, softmax/biases (bias unused)
         self.weights_id: str | None = None  # SHA-256 of the loaded file; keys feature caches
+        self.channels_last = False  # set by `use_channels_last`
+
+    def use_channels_last(self, on: bool = True) -> InceptionV3:
+        """NHWC convolutions (weights and activations); same results up to float32 roundoff."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     @staticmethod
     def preprocess(images: Tensor) -> Tensor:
@@ -241,6 +247,8 @@ class InceptionV3(nn.Module):
 
     def forward(self, images: Tensor) -> InceptionFeatures:
         x = self.preprocess(images)  # [N, 3, 299, 299]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # [N, 64, 147, 147]
         x = F.max_pool2d(x, 3, stride=2)  # pool: [N, 64, 73, 73]
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # [N, 192, 71, 71]
