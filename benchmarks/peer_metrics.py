@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import adm  # noqa: F401  (first: OpenMP's passive wait policy)
 from adm.evaluation import metrics
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from adm.cli import main as cli
 from adm.evaluation import batches, evaluate, features, inception, metrics
 
+CPU = not torch.cuda.is_available()  # `adm eval --memory-format auto`: channels_last on a CPU
 ORDER = ["Inception Score", "Inception Score std", "FID", "sFID", "Precision", "Recall"]
 
 
@@ -85,7 +86,7 @@ def test_features_come_back_from_the_cache(files, first_eval, monkeypatch) -> No
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(features, "extract_features", no_extraction)
-    model = inception.load_inception(files["weights"])
+    model = inception.load_inception(files["weights"]).use_channels_last(CPU)  # as adm eval
     ref, sample = (batches.open_npz_batch(files[k]) for k in ("ref", "sample"))
     ref_feats = evaluate.batch_features(ref, model)
     sample_feats = evaluate.batch_features(sample, model)
@@ -116,7 +117,7 @@ def test_eval_a_folder_with_a_metric_subset_and_kid(files, first_eval, capsys) -
     labels = [line.split(":")[0] for line in out.splitlines()]
     assert labels == ["Inception Score", "Inception Score std", "KID", "KID std"]
     assert "note: KID subsets of 5 rows (the smaller set's size), not 1000" in err
-    model = inception.load_inception(files["weights"])
+    model = inception.load_inception(files["weights"]).use_channels_last(CPU)  # as adm eval
     sample = features.extract_features(batches.open_source(files["folder"]), model)
     ref = features.batch_features(batches.open_npz_batch(files["ref"]), model)
     kid = metrics.kernel_distance(sample.pool, ref.pool, subsets=7, subset_size=5)
@@ -180,7 +181,7 @@ def test_eval_reads_grey_batches_as_rgb_with_a_note(files, grey, capsys, monkeyp
     # The grey batch's features, cached under its own file's SHA-256, equal those of the RGB
     # batch with the channel replicated exactly (and so do the numbers made from them).
     assert len(list(grey["nhw1"].parent.glob("nhw1.npz.adm-features-*.npz"))) == 1
-    model = inception.load_inception(files["weights"])
+    model = inception.load_inception(files["weights"]).use_channels_last(CPU)  # as adm eval
     rgb = evaluate.batch_features(batches.open_npz_batch(grey["rgb"]), model, use_cache=False)
     monkeypatch.setattr(features, "extract_features", None)  # would fail if called
     cached = evaluate.batch_features(batches.open_npz_batch(grey["nhw1"]), model)

@@ -126,10 +126,11 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="Inception in NHWC memory format (may pay on a GPU; equal up to float32 roundoff; "
-        "see benchmarks/bench_eval.py)",
+        "--memory-format",
+        choices=("auto", "channels_last", "contiguous"),
+        default="auto",
+        help="Inception's memory format: auto = channels_last on the CPU (measured 1.28x faster "
+        "here), contiguous on CUDA (not measured); features agree to float32 roundoff",
     )
 
 
@@ -164,7 +165,9 @@ def _inception(args: argparse.Namespace, path, device):
     from adm.evaluation import inception
 
     try:
-        model = inception.load_inception(path, device).use_channels_last(args.channels_last)
+        model = inception.load_inception(path, device)
+        fmt = args.memory_format
+        model.use_channels_last(fmt == "channels_last" or (fmt == "auto" and device.type == "cpu"))
     except inception.WeightsError as err:
         raise UserError(str(err)) from err
     if model.weights_id != inception.WEIGHTS_SHA256:
