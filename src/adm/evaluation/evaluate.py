@@ -50,7 +50,6 @@ from adm.evaluation.metrics import (
 )
 
 MIN_IMAGES = 4  # k + 1 for the k = 3 nearest-neighbour radii of precision / recall
-_full_fp32 = full_fp32  # the name benchmarks used
 
 
 @dataclass(frozen=True)
