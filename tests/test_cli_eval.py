@@ -125,6 +125,11 @@ def test_eval_a_folder_with_a_metric_subset_and_kid(files, first_eval, capsys) -
     assert numbers["KID"] == pytest.approx(kid.mean, rel=1e-6, abs=1e-9)
     assert numbers["KID std"] == pytest.approx(kid.std, rel=1e-6, abs=1e-9)
     assert numbers["Inception Score"] == pytest.approx(metrics.inception_score(sample.logits))
+    glob = str(files["folder"] / "**" / "*.png")  # the same five files, as a glob
+    code, glob_out, _ = _run(
+        capsys, *argv[:2], glob, *argv[3:], "--no-progress", "--kid-subsets", 7
+    )
+    assert code == 0 and glob_out == out
 
 
 def test_stats_from_a_folder(files, capsys) -> None:

@@ -238,6 +238,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate.evaluate_inputs(ref, sample, metrics, model, dino, settings)
     except batches.BatchError as err:
         raise UserError(str(err)) from err
+    for side, used in result.stats_from_file.items():
+        spec = args.ref if side == "ref" else args.sample
+        _note(f"{spec}: {', '.join(used)} from the statistics stored in the file")
     if result.kid_subset_size is not None and result.kid_subset_size < args.kid_subset_size:
         _note(f"KID subsets of {result.kid_subset_size} rows (the smaller set's size), not "
               f"{args.kid_subset_size}")  # fmt: skip
