@@ -396,3 +396,18 @@ def test_frechet_distance_of_a_small_sample_set_equals_the_full_computation():
     sample = rng.normal(size=(12, 40)) + 0.5
     expected = frechet_distance(compute_statistics(sample), ref)
     assert frechet_distance_to_features(sample, ref) == pytest.approx(expected, rel=1e-7)
+
+
+def test_channels_last_features_agree_to_float32_roundoff(random_weights) -> None:
+    """`adm eval`'s default on a CPU (`--memory-format auto`): NHWC convolutions, same features."""
+    model = InceptionV3()
+    model.load_converted(random_weights)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (1, 40, 40, 3), dtype=torch.uint8, generator=gen)
+    with torch.inference_mode():
+        plain = model(images)
+        nhwc = model.use_channels_last()(images)
+    assert model.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(plain, nhwc, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
