@@ -180,3 +180,40 @@ def test_fd_dinov2_without_weights_is_one_line(tmp_path, monkeypatch, capsys) ->
     assert err.startswith("adm eval: error: DINOv2 weights not found: download ")
     assert f"put it at {tmp_path / 'adm' / 'dinov2_vitl14_pretrain.pth'}" in err
     assert "--dinov2-weights PATH" in err
+
+
+def test_adm_stats_writes_dinov2_statistics_in_the_same_pass(tmp_path) -> None:
+    from adm.evaluation import batches, inception
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (5, 20, 20, 3), dtype=np.uint8)
+    np.savez(tmp_path / "b.npz", arr_0=images)
+    net = inception.InceptionV3()
+    net.load_converted(inception.random_state_dict(0))
+    vit = _tiny()
+    out = evaluate.build_reference_batch(
+        batches.open_npz_batch(tmp_path / "b.npz"), tmp_path / "ref.npz", net.eval(),
+        num_images=3, batch_size=2, progress=False, dinov2=vit,
+    )  # fmt: skip
+    with np.load(out) as ref, torch.inference_mode():
+        assert set(ref.files) == {"arr_0", "mu", "sigma", "mu_s", "sigma_s", "mu_dinov2",
+                                  "sigma_dinov2"}  # fmt: skip
+        want = metrics.compute_statistics(vit(torch.from_numpy(images)).numpy())
+        np.testing.assert_allclose(ref["mu_dinov2"], want.mu, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(ref["sigma_dinov2"], want.sigma, rtol=1e-5, atol=1e-7)
+        assert ref["mu"].shape == (2048,) and ref["arr_0"].shape == (3, 20, 20, 3)
+
+
+def test_fd_dinov2_between_statistics_files_needs_no_network(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    paths, diag = [], []
+    for name in ("ref", "sample"):
+        d = rng.uniform(0.1, 2.0, 1024)
+        np.savez(tmp_path / f"{name}.npz", mu_dinov2=np.zeros(1024) + (name == "sample"),
+                 sigma_dinov2=np.diag(d))  # fmt: skip
+        paths.append(tmp_path / f"{name}.npz")
+        diag.append(d)
+    result = evaluate.evaluate(*paths, None, metrics=("fd_dinov2",))
+    expected = 1024 + np.sum((np.sqrt(diag[0]) - np.sqrt(diag[1])) ** 2)  # ‖Δμ‖² + Σ(√a − √b)²
+    assert result.fd_dinov2 == pytest.approx(expected, rel=1e-9)
+    assert result.stats_from_file == {"ref": ["fd_dinov2"], "sample": ["fd_dinov2"]}

@@ -112,6 +112,12 @@ def _add_stats_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
     _add_network_options(p)
+    p.add_argument(
+        "--dinov2",
+        action="store_true",
+        help="also write mu_dinov2, sigma_dinov2 (FD-DINOv2 against whole-dataset statistics)",
+    )
+    p.add_argument("--dinov2-weights", metavar="PATH", help="as for adm eval (implies --dinov2)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_stats)
 
@@ -270,12 +276,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     try:
         source = batches.open_source(args.source)
         out = batches.check_output_path(args.out)
-        inc_path, _ = _weights(args, True, False)
-        model = _inception(args, inc_path, _device(args))
+        inc_path, dino_path = _weights(args, True, args.dinov2 or bool(args.dinov2_weights))
+        device = _device(args)
+        model = _inception(args, inc_path, device)
+        dino = _dinov2(dino_path, device) if dino_path else None
         _notes(source)
         evaluate.build_reference_batch(
             source, out, model, num_images=args.num_images, seed=args.seed,
-            batch_size=args.batch_size, progress=not args.no_progress,
+            batch_size=args.batch_size, progress=not args.no_progress, dinov2=dino,
         )  # fmt: skip
     except batches.BatchError as err:
         raise UserError(str(err)) from err

@@ -237,34 +237,36 @@ def build_reference_batch(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    dinov2: torch.nn.Module | None = None,
 ) -> Path:
-    """Write a reference batch: `mu`, `sigma`, `mu_s`, `sigma_s` over every image of `source`,
-    and `arr_0` = a seeded uniform subset of `num_images` of them (file order kept) for P&R."""
+    """Write a reference batch: `mu`, `sigma`, `mu_s`, `sigma_s` (and with `dinov2`, `mu_dinov2`,
+    `sigma_dinov2`) over every image of `source`, and `arr_0` = a seeded uniform subset of
+    `num_images` of them (file order kept) for P&R and KID. One pass over the images."""
     if source.n < 2:
         raise BatchError(f"{source.path}: statistics need at least 2 images, got {source.n}")
     rng = np.random.default_rng(seed)
     keep = np.zeros(source.n, dtype=bool)
     keep[rng.choice(source.n, size=min(num_images, source.n), replace=False)] = True
     device = next(model.parameters()).device
-    pool_acc, spatial_acc = StatsAccumulator(), StatsAccumulator()
-    bar = progress_bar(source, "Inception", progress)
+    acc = {"": StatsAccumulator(), "_s": StatsAccumulator(), "_dinov2": StatsAccumulator()}
+    bar = progress_bar(source, "Inception" + (" + DINOv2" if dinov2 else ""), progress)
     shape = (int(keep.sum()), source.height, source.width, 3)
     with atomic_path(out) as tmp, NpzWriter(tmp) as writer:
         with writer.stream("arr_0", shape) as write, bar, full_fp32(), torch.inference_mode():
             start = 0
             for chunk in iter_images(source, batch_size):
                 write(chunk[keep[start : start + len(chunk)]])
-                feats = model(torch.from_numpy(chunk).to(device))
-                pool_acc.update(feats.pool.float().cpu().numpy())
-                spatial_acc.update(feats.spatial.float().cpu().numpy())
+                images = torch.from_numpy(chunk).to(device)
+                feats = model(images)
+                acc[""].update(feats.pool.float().cpu().numpy())
+                acc["_s"].update(feats.spatial.float().cpu().numpy())
+                if dinov2 is not None:
+                    acc["_dinov2"].update(dinov2(images).float().cpu().numpy())
                 start += len(chunk)
                 bar.update(len(chunk))
-        pool, spatial = pool_acc.finalize(), spatial_acc.finalize()
-        for name, array in (
-            ("mu", pool.mu),
-            ("sigma", pool.sigma),
-            ("mu_s", spatial.mu),
-            ("sigma_s", spatial.sigma),
-        ):
-            writer.write_array(name, array)
+        for suffix, stats in acc.items():
+            if stats.n:
+                done = stats.finalize()
+                writer.write_array(f"mu{suffix}", done.mu)
+                writer.write_array(f"sigma{suffix}", done.sigma)
     return Path(out)
