@@ -275,6 +275,8 @@ def test_download_checks_sha256_and_is_atomic(http_root, tmp_path, monkeypatch) 
     digest = hashlib.sha256(payload).hexdigest()
     cache = tmp_path / "cache"
     monkeypatch.setenv("ADM_CACHE_DIR", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no file from the user's caches
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsError, match="SHA-256"):
         inception.resolve_weights(url=f"{base}/w.pth", sha256="0" * 64, progress=False)
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-written is left
@@ -286,6 +288,8 @@ def test_download_checks_sha256_and_is_atomic(http_root, tmp_path, monkeypatch) 
 
 def test_offline_message_says_where_to_put_the_file(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("ADM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsError) as info:
         inception.resolve_weights(url="http://127.0.0.1:9/nothing", progress=False)
     message = str(info.value)
@@ -392,3 +396,18 @@ def test_frechet_distance_of_a_small_sample_set_equals_the_full_computation():
     sample = rng.normal(size=(12, 40)) + 0.5
     expected = frechet_distance(compute_statistics(sample), ref)
     assert frechet_distance_to_features(sample, ref) == pytest.approx(expected, rel=1e-7)
+
+
+def test_channels_last_features_agree_to_float32_roundoff(random_weights) -> None:
+    """`adm eval`'s default on a CPU (`--memory-format auto`): NHWC convolutions, same features."""
+    model = InceptionV3()
+    model.load_converted(random_weights)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (1, 40, 40, 3), dtype=torch.uint8, generator=gen)
+    with torch.inference_mode():
+        plain = model(images)
+        nhwc = model.use_channels_last()(images)
+    assert model.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(plain, nhwc, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """The `adm` command: parse arguments, resolve typed configs, call one library function.
 
-- `main`: the `adm` entry point and the small commands (demo, eval, stats)
+- `main`: the `adm` entry point and the small commands (demo, flags)
+- `evaluate`: `adm eval`, `adm stats`: any input kind, a metric subset, KID, FD-DINOv2
 - `models`: `adm presets`, `adm info`, `adm convert`, `adm fetch`, `adm flags`
 - `sample`: `adm sample`, `adm upsample`, `adm nll`
 - `train`: `adm train`, `adm train-classifier`, `adm train-superres`

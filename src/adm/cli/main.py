@@ -13,9 +13,9 @@ import os
 import sys
 
 from adm import __version__
-from adm._util.atomic import atomic_path
 from adm._util.errors import UserError, os_error_text
 from adm.cli import checks
+from adm.cli import evaluate as cli_evaluate
 from adm.cli import models as cli_models
 from adm.cli import sample as cli_sample
 from adm.cli import sweep as cli_sweep
@@ -33,8 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_models.add_commands(sub)
     cli_sample.add_commands(sub)
     cli_sweep.add_commands(sub)
-    _add_eval_command(sub)
-    _add_stats_command(sub)
+    cli_evaluate.add_commands(sub)
     _add_train_command(sub)
     return parser
 
@@ -151,174 +150,6 @@ def _cmd_flags(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
-    return 0
-
-
-def _add_eval_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="Inception Score, FID, sFID, precision and recall of a sample batch (the paper's)",
-        description=(
-            "The evaluator of openai/guided-diffusion in PyTorch. REF_BATCH and SAMPLE_BATCH are "
-            ".npz files with arr_0 = uint8 images [N, H, W, 3] (grey [N, H, W, 1] or [N, H, W] "
-            "are read as RGB, the channel replicated); a reference batch may also store "
-            "mu, sigma, mu_s, sigma_s (then FID/sFID use them). Example: adm eval "
-            "VIRTUAL_imagenet256_labeled.npz samples_50000x256x256x3.npz --json scores.json"
-        ),
-    )
-    p.add_argument("ref_batch", help="reference batch .npz")
-    p.add_argument("sample_batch", help="sample batch .npz")
-    _add_inception_options(p)
-    p.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="neither read nor write the feature cache next to each batch",
-    )
-    p.add_argument(
-        "--pr-mode",
-        choices=("original", "exact"),
-        default="original",
-        help="precision/recall distances: float16 as the original (default) or float64",
-    )
-    p.set_defaults(func=_cmd_eval)
-
-
-def _add_stats_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "stats",
-        help="build a reference batch (mu, sigma, mu_s, sigma_s + arr_0) from images or an npz",
-        description=(
-            "Statistics of a custom dataset for `adm eval`: SOURCE is a folder of same-sized "
-            "images (searched recursively) or an .npz batch. Writes mu/sigma/mu_s/sigma_s over "
-            "all images and arr_0 = a random subset of --num-images of them for precision/recall."
-        ),
-    )
-    p.add_argument("source", help="image folder or .npz batch")
-    p.add_argument("out", help="output reference batch .npz")
-    p.add_argument(
-        "--num-images",
-        type=int,
-        default=10000,
-        help="images kept in arr_0 (default 10000, as in the released batches)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
-    _add_inception_options(p)
-    p.set_defaults(func=_cmd_stats)
-
-
-def _add_inception_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--inception-weights",
-        metavar="PATH",
-        help="pt_inception-2015-12-05-6726825d.pth (default: $ADM_CACHE_DIR or "
-        "~/.cache/adm, downloaded if missing)",
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-
-
-def _inception_from_args(args: argparse.Namespace):
-    import torch
-
-    from adm.evaluation import evaluate, inception
-
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    try:
-        device = torch.device(args.device) if args.device else evaluate.default_device()
-    except RuntimeError as err:
-        raise UserError(f"--device {args.device}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available")
-    try:
-        weights = inception.resolve_weights(args.inception_weights)
-        model = inception.load_inception(weights, device)
-    except inception.WeightsError as err:
-        raise UserError(str(err)) from err
-    if model.weights_id != inception.WEIGHTS_SHA256:
-        print(
-            f"note: {weights} is not {inception.WEIGHTS_FILENAME} (SHA-256 differs): numbers are "
-            "not comparable with published ones",
-            file=sys.stderr,
-        )
-    return model
-
-
-def _note_grey(*sources) -> None:
-    """One line per grey npz batch: it is read as RGB with the channel replicated."""
-    for src in sources:
-        if src.is_grey:
-            print(
-                f"note: {src.path} holds grey images {src.layout}; the channel is replicated to "
-                "RGB for Inception",
-                file=sys.stderr,
-            )
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from adm.evaluation import batches, evaluate
-
-    try:
-        ref, sample, _ = evaluate.check_eval_inputs(args.ref_batch, args.sample_batch)
-        if args.json:
-            batches.check_output_path(args.json)
-        model = _inception_from_args(args)
-        _note_grey(ref, sample)  # after every check: an error stays one line
-        result = evaluate.evaluate(
-            args.ref_batch,
-            args.sample_batch,
-            model,
-            batch_size=args.batch_size,
-            use_cache=not args.no_cache,
-            distance_mode=args.pr_mode,
-        )
-    except batches.BatchError as err:
-        raise UserError(str(err)) from err
-    print(f"Inception Score: {result.inception_score}")
-    print(f"FID: {result.fid}")
-    print(f"sFID: {result.sfid}")
-    print(f"Precision: {result.precision}")
-    print(f"Recall: {result.recall}")
-    if args.json:
-        record = {
-            **dataclasses.asdict(result),
-            "ref_batch": str(args.ref_batch),
-            "sample_batch": str(args.sample_batch),
-            "pr_mode": args.pr_mode,
-            "inception_weights_sha256": model.weights_id,
-        }
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-    return 0
-
-
-def _cmd_stats(args: argparse.Namespace) -> int:
-    from adm.evaluation import batches, evaluate
-
-    if args.num_images < 0:
-        raise UserError(f"--num-images must be >= 0, got {args.num_images}")
-    checks.at_least(args, {"seed": 0})
-    try:
-        source = batches.open_source(args.source)
-        out = batches.check_output_path(args.out)
-        model = _inception_from_args(args)
-        _note_grey(source)
-        evaluate.build_reference_batch(
-            source,
-            out,
-            model,
-            num_images=args.num_images,
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
-    except batches.BatchError as err:
-        raise UserError(str(err)) from err
-    kept = min(args.num_images, source.n)
-    print(f"wrote {out}: statistics of {source.n} images, {kept} of them in arr_0")
     return 0
 
 

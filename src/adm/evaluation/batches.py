@@ -1,7 +1,8 @@
 """The evaluator's `.npz` batches: `arr_0` uint8 NHWC images, read and written streaming.
 
 Sample batches hold `arr_0` (and `arr_1` labels, ignored); reference batches add whole-dataset
-statistics `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial). Also image folders as a source.
+statistics `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial). Also image folders and globs
+of image files as sources (grey, alpha and odd sizes converted, with notes).
 Grey batches (`[N, H, W, 1]`, as `adm sample` writes for 1-channel models, or `[N, H, W]`) are read
 as RGB with the channel replicated, as PIL converts grey image files ("L" -> "RGB").
 Every check runs before any work, and files are written atomically (temporary file + rename).
@@ -10,6 +11,7 @@ Every check runs before any work, and files are written atomically (temporary fi
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import zipfile
 from collections.abc import Iterator
@@ -37,8 +39,9 @@ class ImageSource:
     n: int
     height: int
     width: int
-    files: tuple[Path, ...] = ()  # folder sources only, in sorted order
+    files: tuple[Path, ...] = ()  # folder and glob sources only, in sorted order
     layout: str = "[N, H, W, 3]"
+    notes: tuple[str, ...] = ()  # conversions applied when reading (resize, grey, alpha)
 
     @property
     def is_folder(self) -> bool:
@@ -131,35 +134,63 @@ def read_reference_stats(path: str | os.PathLike) -> dict[str, np.ndarray] | Non
 
 
 def open_image_folder(path: str | os.PathLike) -> ImageSource:
-    """Check a folder (searched recursively) of same-sized image files; reads headers only."""
+    """A folder of image files, searched recursively (headers only)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise BatchError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return open_image_files(path, files)
+
+
+def open_image_glob(pattern: str) -> ImageSource:
+    """The image files a glob pattern matches (`**` recursive), e.g. `'samples/*.png'`."""
+    hits = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    files = [p for p in hits if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        extra = f" ({len(hits)} other files)" if hits else ""
+        raise BatchError(
+            f"{pattern}: the pattern matches no image files ({', '.join(IMAGE_SUFFIXES)}){extra}"
+        )
+    return open_image_files(Path(pattern), files)
+
+
+def open_image_files(label: Path, files: list[Path]) -> ImageSource:
+    """Check image files (headers only). All are read as RGB at the first file's size: others are
+    resized to it (bicubic), grey ones get the channel replicated, alpha is dropped; each of
+    these is reported in `notes`."""
     from PIL import Image
 
-    path = Path(path)
-    files = tuple(
-        sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    )
-    if not files:
-        raise BatchError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    size = None
+    sizes, modes = [], []
     for p in files:
         try:
             with Image.open(p) as im:
-                this = im.size
+                sizes.append(im.size)
+                modes.append(im.mode)
         except OSError as err:
             raise BatchError(f"{p}: not a readable image ({err})") from err
-        if size is not None and this != size:
-            raise BatchError(
-                f"{p}: size {this[0]}x{this[1]} differs from {size[0]}x{size[1]} of {files[0]}; "
-                "resize or crop the dataset to one size first"
-            )
-        size = this
-    return ImageSource(path, len(files), size[1], size[0], files)
+    size = sizes[0]
+    notes = []
+    if other := sum(s != size for s in sizes):
+        notes.append(
+            f"{label}: {other} of {len(files)} images differ from {size[0]}x{size[1]} (the size "
+            f"of {files[0].name}); resized to it (PIL bicubic)"
+        )
+    if grey := sum(m in ("1", "L", "LA", "I", "I;16", "F") for m in modes):
+        notes.append(f"{label}: {grey} grey images; the channel is replicated to RGB")
+    if alpha := sum(m in ("RGBA", "LA", "PA", "RGBa") for m in modes):
+        notes.append(f"{label}: {alpha} images with an alpha channel; alpha is dropped (RGB)")
+    return ImageSource(label, len(files), size[1], size[0], tuple(files), notes=tuple(notes))
 
 
 def open_source(path: str | os.PathLike) -> ImageSource:
-    """An npz batch or an image folder."""
+    """An npz batch, an image folder, or a glob pattern of image files."""
+    text = str(path)
     path = Path(path)
-    return open_image_folder(path) if path.is_dir() else open_npz_batch(path)
+    if path.is_dir():
+        return open_image_folder(path)
+    if not path.exists() and any(c in text for c in "*?["):
+        return open_image_glob(text)
+    return open_npz_batch(path)
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -170,20 +201,26 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
     return images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
 
 
+def read_image(path: Path, width: int, height: int) -> np.ndarray:
+    """uint8 [height, width, 3]: PIL's RGB conversion, resized (bicubic) if its size differs."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (width, height):
+            im = im.resize((width, height), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
 def iter_images(source: ImageSource, chunk: int = 64) -> Iterator[np.ndarray]:
-    """Yield uint8 [<=chunk, H, W, 3] chunks of an npz batch or image folder, in order
+    """Yield uint8 [<=chunk, H, W, 3] chunks of an npz batch or image files, in order
     (grey batches with the channel replicated)."""
     if not source.is_folder:
         yield from (to_rgb(c) for c in iter_npz_images(source.path, chunk))
         return
-    from PIL import Image
-
     for start in range(0, source.n, chunk):
-        images = []
-        for p in source.files[start : start + chunk]:
-            with Image.open(p) as im:
-                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-        yield np.stack(images)
+        files = source.files[start : start + chunk]
+        yield np.stack([read_image(p, source.width, source.height) for p in files])
 
 
 def check_output_path(path: str | os.PathLike) -> Path:

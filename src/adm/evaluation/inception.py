@@ -8,11 +8,7 @@ and the bias-free 1008 logits (Inception Score). Also: the graph's TF1 bilinear 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -20,17 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
+from adm.evaluation.weights import (  # noqa: F401  (WeightsError, cache_dir: the older API)
+    INCEPTION,
+    WeightsError,
+    cache_dir,
+    resolve,
+    sha256_file,
 )
-WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+
+WEIGHTS_FILENAME, WEIGHTS_NAMES = INCEPTION.names[0], INCEPTION.names
+WEIGHTS_URL, WEIGHTS_SHA256 = INCEPTION.url, INCEPTION.sha256
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # the evaluator keeps mixed_6/conv[..., :7]
-
-
-class WeightsError(RuntimeError):
-    """The Inception weights file is missing, unreadable, or not the expected network."""
 
 
 class InceptionFeatures(NamedTuple):
@@ -210,6 +207,9 @@ class InceptionE(nn.Module):
 class InceptionV3(nn.Module):
     """The evaluator's Inception graph: uint8 NHWC images of any size -> `InceptionFeatures`."""
 
+    # Network and preprocessing, part of every feature-cache key (with the weights' SHA-256).
+    network_id = "inception-2015-12-05|tf1-bilinear-299|(x-128)/128|float32"
+
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)  # conv
@@ -230,6 +230,12 @@ class InceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, "max")
         self.fc = nn.Linear(2048, 1008)  # softmax/weights, softmax/biases (bias unused)
         self.weights_id: str | None = None  # SHA-256 of the loaded file; keys feature caches
+        self.channels_last = False  # set by `use_channels_last`
+
+    def use_channels_last(self, on: bool = True) -> InceptionV3:
+        """NHWC convolutions (weights and activations); same results up to float32 roundoff."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     @staticmethod
     def preprocess(images: Tensor) -> Tensor:
@@ -241,6 +247,8 @@ class InceptionV3(nn.Module):
 
     def forward(self, images: Tensor) -> InceptionFeatures:
         x = self.preprocess(images)  # [N, 3, 299, 299]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # [N, 64, 147, 147]
         x = F.max_pool2d(x, 3, stride=2)  # pool: [N, 64, 73, 73]
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # [N, 192, 71, 71]
@@ -277,46 +285,6 @@ class InceptionV3(nn.Module):
 # --------------------------------------------------------------------------- weights files
 
 
-def cache_dir() -> Path:
-    """`$ADM_CACHE_DIR`, else `~/.cache/adm`."""
-    return Path(os.environ.get("ADM_CACHE_DIR") or Path.home() / ".cache" / "adm")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download(url: str, dest: Path, sha256: str, *, progress: bool = True) -> Path:
-    """Download `url` to `dest` (atomic rename) if its SHA-256 starts with `sha256`."""
-    from tqdm import tqdm
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-            ) as bar:
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        got = digest.hexdigest()
-        if not got.startswith(sha256.lower()):
-            raise WeightsError(f"download of {url} has SHA-256 {got}, expected {sha256}")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
 def resolve_weights(
     path: str | os.PathLike | None = None,
     *,
@@ -325,26 +293,11 @@ def resolve_weights(
     sha256: str = WEIGHTS_SHA256,
     progress: bool = True,
 ) -> Path:
-    """`path` if given, else `<cache_dir()>/pt_inception-2015-12-05-6726825d.pth`, downloading it
-    (SHA-256 checked) when absent."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"Inception weights file {path} does not exist")
-        return path
-    cached = cache_dir() / WEIGHTS_FILENAME
-    if cached.is_file():
-        return cached
-    hint = (
-        f"download {WEIGHTS_FILENAME} from {WEIGHTS_URL} and put it at {cached} "
-        "(or set ADM_CACHE_DIR, or pass --inception-weights PATH)"
-    )
-    if not allow_download:
-        raise WeightsError(f"Inception weights not found: {hint}")
-    try:
-        return download(url, cached, sha256, progress=progress)
-    except (urllib.error.URLError, OSError) as err:
-        raise WeightsError(f"could not download Inception weights ({err}): {hint}") from err
+    """`path` if given; else the first of pytorch-fid's and torch-fidelity's file names found in
+    `weights.search_dirs()` (SHA-256 checked); else downloaded to `<cache_dir()>/`
+    (SHA-256 checked; offline, an error within seconds saying where to put the file)."""
+    return resolve(INCEPTION, path, allow_download=allow_download, url=url, sha256=sha256,
+                   progress=progress)  # fmt: skip
 
 
 def random_state_dict(seed: int = 0) -> dict[str, Tensor]:

@@ -2,7 +2,8 @@
 
 FID / sFID (Heusel et al. 2017; Nash et al. 2021), Inception Score (Salimans et al. 2016, the
 evaluator's consecutive splits) and improved precision / recall (Kynkäänniemi et al. 2019, k = 3),
-with the numerics of guided-diffusion `evaluations/evaluator.py`. Independent of any network.
+with the numerics of guided-diffusion `evaluations/evaluator.py`; KID (Bińkowski et al. 2018) with
+torch-fidelity's subsets. Independent of any network (FD-DINOv2 is `frechet_distance` too).
 """
 
 from __future__ import annotations
@@ -145,6 +146,67 @@ def inception_score_splits(logits: np.ndarray | Tensor, split_size: int = 5000) 
 def inception_score(logits: np.ndarray | Tensor, split_size: int = 5000) -> float:
     """Mean over `inception_score_splits` (the evaluator reports no standard deviation)."""
     return float(inception_score_splits(logits, split_size).mean())
+
+
+def inception_score_std(logits: np.ndarray | Tensor, split_size: int = 5000) -> float:
+    """Standard deviation (ddof 0, as torch-fidelity's `np.std`) of `inception_score_splits`;
+    0 for a single split."""
+    return float(inception_score_splits(logits, split_size).std())
+
+
+# --------------------------------------------------------------------------- KID
+
+
+@dataclass(frozen=True)
+class KernelDistance:
+    mean: float  # KID: the mean over subsets of the unbiased MMD²
+    std: float  # its standard deviation over subsets (ddof 0)
+    subset_size: int  # rows per subset (clamped to the smaller set)
+    subsets: int
+
+
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
+    """Unbiased MMD² of [m, D] sets x, y with k(a, b) = (a·b / D + coef0)^degree (Bińkowski et al.
+    2018, Eq. 4): mean of k over distinct pairs within x and within y, minus twice the mean of k
+    over all x-y pairs."""
+    m = len(x)
+    k_xx = (x @ x.T / x.shape[1] + coef0) ** degree
+    k_yy = (y @ y.T / x.shape[1] + coef0) ** degree
+    k_xy = (x @ y.T / x.shape[1] + coef0) ** degree
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kernel_distance(
+    sample_features: np.ndarray | Tensor,
+    ref_features: np.ndarray | Tensor,
+    *,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    coef0: float = 1.0,
+    seed: int = 2020,
+) -> KernelDistance:
+    """Kernel Inception Distance of [N_s, D] sample vs [N_r, D] reference features.
+
+    torch-fidelity's procedure (`kid_features_to_metric`, input1 = samples, input2 = reference):
+    `subsets` times, draw `subset_size` rows of each set without replacement from one
+    `np.random.RandomState(seed)` (samples first), take `polynomial_mmd2`; report mean and std.
+    Computed in float64 (torch-fidelity: float32). A subset larger than a set is clamped to it.
+    """
+    x, y = _as_float64(sample_features), _as_float64(ref_features)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature shapes do not match: {x.shape}, {y.shape}")
+    m = min(subset_size, len(x), len(y))
+    if m < 2 or subsets < 1:
+        raise ValueError(f"KID needs subsets >= 1 of >= 2 rows, got {subsets} of {m}")
+    rng = np.random.RandomState(seed)
+    mmds = np.empty(subsets)
+    for i in range(subsets):
+        xs = x[rng.choice(len(x), m, replace=False)]
+        ys = y[rng.choice(len(y), m, replace=False)]
+        mmds[i] = polynomial_mmd2(xs, ys, degree, coef0)
+    return KernelDistance(float(mmds.mean()), float(mmds.std()), m, subsets)
 
 
 # --------------------------------------------------------------------------- precision / recall
