@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from adm._util.digest import sha256_file
+
 PROBE_SECONDS = 3.0
 
 
@@ -72,14 +74,6 @@ def search_dirs() -> list[Path]:
     """The folders searched for weights, in order, without repeats."""
     dirs = [cache_dir(), Path.home() / ".cache" / "adm", hub_checkpoints_dir()]
     return list(dict.fromkeys(dirs))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_weights(names: tuple[str, ...], sha256: str | None, option: str) -> Path | None:
