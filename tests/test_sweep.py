@@ -123,16 +123,22 @@ def test_summary_averages_seeds_and_relates_fid_to_the_reference():
     rows = [
         {**base, "cell": "a", "solver": "unipc", "seed": 0, "fid": 20.0},
         {**base, "cell": "a", "solver": "unipc", "seed": 1, "fid": 22.0},
-        {**base, "cell": "r", "solver": "ddpm", "grid": "uniform", "steps": 250, "nfe": 250,
-         "reference": True, "seed": 0, "fid": 16.0},
+        {**base, "cell": "b", "solver": "heun", "seed": 3, "fid": 30.0},
     ]  # fmt: skip
+    ref = {**base, "cell": "r", "solver": "ddpm", "grid": "uniform", "steps": 250, "nfe": 250,
+           "reference": True}  # fmt: skip
+    rows += [{**ref, "seed": 0, "fid": 16.0}, {**ref, "seed": 1, "fid": 18.0},
+             {**ref, "seed": 2, "fid": 100.0}]  # fmt: skip
     summary = sweep_report.summarize(rows)
-    assert [e["solver"] for e in summary] == ["ddpm", "unipc"]
-    unipc = summary[1]
+    assert [e["solver"] for e in summary] == ["ddpm", "unipc", "heun"]
+    unipc, heun = summary[1], summary[2]
     assert unipc["seeds"] == [0, 1] and unipc["fid"] == 21.0
-    assert unipc["fid_std"] == pytest.approx(2**0.5) and unipc["fid_ratio"] == 21.0 / 16.0
+    # paired: the reference over the cell's seeds (0, 1), not all of its own (0, 1, 2)
+    assert unipc["fid_std"] == pytest.approx(2**0.5) and unipc["fid_ratio"] == 21.0 / 17.0
+    assert heun["fid_ratio"] is None  # the reference has no seed 3
     assert "21.00 ± 1.41" in sweep_report.table(rows)
     assert sweep_report.best(rows, 20) == [unipc] and sweep_report.best(rows, 5) == []
+    assert "| heun | karras | 10 | 10 | 4 | always | – | 3 |" in sweep_report.table(rows)
 
 
 @pytest.mark.parametrize(

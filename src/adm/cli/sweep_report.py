@@ -20,7 +20,8 @@ BUDGETS = (10, 20)  # the NFE budgets of issue 11
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per cell: its fields, `seeds`, each metric's mean and `<metric>_std` (sample
     standard deviation over seeds; None for one seed), mean `seconds` per seed, and `fid_ratio`:
-    FID / the reference cell's FID at the same scale (None without a reference)."""
+    FID / the reference cell's mean FID at the same scale over the same seeds (None where the
+    reference lacks one of them): the same noise on both sides, so the ratio is paired."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["cell"], []).append(row)
@@ -33,10 +34,11 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
         out.append(entry)
-    references = {e["scale"]: e for e in out if e["reference"]}
-    for entry in out:
-        ref = references.get(entry["scale"])
-        entry["fid_ratio"] = entry["fid"] / ref["fid"] if ref and ref["fid"] > 0 else None
+    ref_fid = {(r["scale"], r["seed"]): r["fid"] for r in rows if r["reference"]}
+    for entry in out:  # paired: the reference's FID over the same seeds as the cell
+        refs = [ref_fid.get((entry["scale"], seed)) for seed in entry["seeds"]]
+        ok = refs and None not in refs and statistics.fmean(refs) > 0
+        entry["fid_ratio"] = entry["fid"] / statistics.fmean(refs) if ok else None
     return sorted(out, key=_order)
 
 
@@ -119,8 +121,8 @@ def write_markdown(out_dir: Path, setup: dict[str, Any], rows: list[dict[str, An
     text = f"""# adm sweep
 
 {how} NFE = network calls per sample; classifier guidance adds one classifier forward and
-backward per NFE. "FID / ref" divides by the FID of the reference cell at the same scale. With
-several seeds: mean ± sample standard deviation.
+backward per NFE. "FID / ref" divides by the reference cell's FID at the same scale over the same
+seeds (paired: the same noise). With several seeds: mean ± sample standard deviation.
 
 {table(rows)}
 
@@ -168,7 +170,12 @@ def plot(path: Path, rows: list[dict[str, Any]], metric_name: str | None = None)
         ax.set_ylabel("FID" if metric_name is None else f"FID ({metric_name})")
         ax.set_title(f"scale {scale:g}, guidance {interval_text(interval)}")
         ax.grid(alpha=0.3, which="major")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=4)
+    legend: dict[str, Any] = {}  # every panel's lines, once each (panels hold different ones)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    axes[0][-1].legend(legend.values(), legend.keys(), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0), handlelength=4)  # fmt: skip
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
