@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from adm._util.lock import run_folder_lock
 from adm.cli import demo, sweep_report, sweep_run, sweep_subjects
 from adm.cli import main as cli
 from adm.diffusion import registry
@@ -92,7 +93,8 @@ def test_rerun_skips_done_cells_and_samples_only_new_ones(tmp_path, subject, mon
     sweep_run.run_sweep(tmp_path, more, subject, progress=False)
     assert [(c.scale, c.interval) for c in sampled] == [(0.0, None), (4.0, (0.5, 10.0))]
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
-    with sweep_run._folder_lock(tmp_path), pytest.raises(ValueError, match="another adm sweep"):
+    busy = "is in use by another process"
+    with run_folder_lock(tmp_path, "adm sweep"), pytest.raises(ValueError, match=busy):
         sweep_run.run_sweep(tmp_path, more, subject, progress=False)  # one process per folder
     assert len(rows) == 3 and len({(r["cell"], r["seed"]) for r in rows}) == 3
 
