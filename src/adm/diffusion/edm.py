@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ from adm.diffusion.solvers import denoise
 EDM_CHURN, EDM_S_TMIN, EDM_S_TMAX, EDM_S_NOISE = 80.0, 0.05, 50.0, 1.003
 
 
-def _sigmas(schedule_ac) -> Tensor:
+def sigma_table(schedule_ac) -> Tensor:
+    """σ = √((1 − ᾱ)/ᾱ) of every trained timestep (float64, increasing with t): the σ's that
+    `edm_churn` and `heun_step` index by original timestep."""
     ac = torch.tensor(np.array(schedule_ac, dtype=np.float64))
     return ((1 - ac) / ac).sqrt()
 
@@ -65,7 +67,7 @@ def edm_sample_progressive(
     if diff.num_steps < 2:
         raise ValueError("the Heun/EDM sampler needs at least 2 steps (it takes N − 1 Heun steps)")
     full = dataclasses.replace(diff, schedule=diff.schedule.original)  # index = original timestep
-    table = _sigmas(full.schedule.alphas_cumprod)  # σ per original timestep, increasing
+    table = sigma_table(full.schedule.alphas_cumprod)  # σ per original timestep, increasing
     tmap = diff.schedule.timestep_map
     common = {"cond_fn": cond_fn, "clip_denoised": clip_denoised, "denoised_fn": denoised_fn,
               "model_kwargs": model_kwargs}  # fmt: skip
@@ -80,26 +82,41 @@ def edm_sample_progressive(
     x = noise * float(math.sqrt(1 + table[j] ** 2))  # x_T / √ᾱ_T
     for i in steps_of(diff, progress, "EDM" if churn else "Heun"):
         j = int(tmap[i])
-        sigma = float(table[j])
-        if churn and s_tmin <= sigma <= s_tmax and i > 0:
-            j_hat = int(torch.argmin((table.log() - math.log(sigma * (1 + gamma_max))).abs()))
-            j = max(j, j_hat)
-            raised = float(table[j])
-            z = draw_noise(x, generator)
-            x = x + math.sqrt(max(raised**2 - sigma**2, 0.0)) * s_noise * z
-            sigma = raised
-        x0 = d_of(x, j)
+        if churn and s_tmin <= float(table[j]) <= s_tmax and i > 0:
+            x, j = edm_churn(x, j, table, gamma_max, s_noise, generator)
         if i == 0:  # Euler to σ = 0: the denoised image
-            x = x0
-            yield SampleStep(i, x, x0)
+            x0 = d_of(x, j)
+            yield SampleStep(i, x0, x0)
             break
-        j_next = int(tmap[i - 1])
-        sigma_next = float(table[j_next])
-        slope = (x - x0) / sigma
-        x_euler = x + (sigma_next - sigma) * slope
-        slope_next = (x_euler - d_of(x_euler, j_next)) / sigma_next
-        x = x + (sigma_next - sigma) * 0.5 * (slope + slope_next)
-        yield SampleStep(i, x / math.sqrt(1 + sigma_next**2), x0)
+        x, x0 = heun_step(d_of, x, j, int(tmap[i - 1]), table)
+        yield SampleStep(i, x / math.sqrt(1 + float(table[int(tmap[i - 1])]) ** 2), x0)
+
+
+def edm_churn(
+    x: Tensor, j: int, table: Tensor, gamma: float, s_noise: float, generator: Generators
+) -> tuple[Tensor, int]:
+    """EDM's noise increase (Algorithm 2, lines 4–6) on VE-scale `x` at σ_j: raise σ to σ(1 + γ),
+    rounded to the nearest trained σ (never below σ_j), adding fresh noise from `generator`.
+    Returns (x̂, ĵ)."""
+    sigma = float(table[j])
+    j_hat = max(j, int(torch.argmin((table.log() - math.log(sigma * (1 + gamma))).abs())))
+    raised = float(table[j_hat])
+    z = draw_noise(x, generator)
+    return x + math.sqrt(max(raised**2 - sigma**2, 0.0)) * s_noise * z, j_hat
+
+
+def heun_step(
+    d_of: Callable[[Tensor, int], Tensor], x: Tensor, j: int, j_next: int, table: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One 2nd-order Heun step of dx/dσ = (x − D(x; σ))/σ from σ_j to σ_{j_next} > 0 (VE scale;
+    Algorithm 1, lines 4–8), for users who drive their own loop: `d_of(x, j)` is D(x; σ_j), e.g.
+    `denoise(model_fn, full_diff, x·√ᾱ_j, j, ...)`. Returns (x at σ_{j_next}, D(x; σ_j))."""
+    sigma, sigma_next = float(table[j]), float(table[j_next])
+    x0 = d_of(x, j)
+    slope = (x - x0) / sigma
+    x_euler = x + (sigma_next - sigma) * slope
+    slope_next = (x_euler - d_of(x_euler, j_next)) / sigma_next
+    return x + (sigma_next - sigma) * 0.5 * (slope + slope_next), x0
 
 
 def edm_sample(model_fn: ModelFn, diff: Diffusion, noise: Tensor, **kwargs) -> Tensor:
