@@ -118,6 +118,30 @@ def test_classifier_and_superres_commands_run(tmp_path: Path) -> None:
     assert main([*sr[:-2], "--set", "unet.num_classes=5", "--fit-classes"]) == 1
 
 
+def test_resume_with_other_data_or_recipe_is_refused_naming_each_difference(tmp_path, capsys):
+    """A rerun in the same --out with other data, batch size or seed is not a resume of that run:
+    refused in one line that names each difference (config.json untouched); --force continues
+    and notes the changes; more --steps is allowed."""
+    data = _folder(tmp_path / "imgs", per_class=3)
+    out = tmp_path / "run"
+    base = ["train", "--preset", "tiny_diffusion", *SMALL, "--set", "unet.num_classes=none",
+            "--out", str(out), "--no-progress", "--batch-size", "2"]  # fmt: skip
+    assert main([*base, "--data", str(data), "--steps", "1"]) == 0
+    config = (out / "config.json").read_text()
+    other = _folder(tmp_path / "other", per_class=4)
+    assert main([*base, "--data", str(other), "--steps", "2", "--seed", "3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{out} holds a run with other settings (train.seed: 0 -> 3; data.items: " in err
+    assert "data.fingerprint: " in err and "pass --force to continue it with these" in err
+    assert (out / "config.json").read_text() == config
+    assert main([*base, "--data", str(data), "--steps", "2", "--batch-size", "3"]) == 1
+    assert "(train.batch_size: 2 -> 3)" in capsys.readouterr().err
+    assert main([*base, "--data", str(data), "--steps", "2"]) == 0  # longer: allowed
+    assert main([*base, "--data", str(other), "--steps", "3", "--force"]) == 0
+    notes = json.loads((out / "config.json").read_text())["notes"]
+    assert any(n.startswith("--force: continuing with data.items: 6 -> 8") for n in notes), notes
+
+
 def test_classes_from_file_fixes_the_label_indices(tmp_path: Path, capsys) -> None:
     data = _folder(tmp_path / "imgs")  # classes a, b
     names = tmp_path / "names.txt"

@@ -101,6 +101,12 @@ def _options(p: argparse.ArgumentParser, kind: str) -> None:
     a("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
     a("--no-progress", action="store_true")
     a("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    a(
+        "--force",
+        action="store_true",
+        help="resume a run in --out although its data, batch "
+        "size, seed or other recipe settings differ (each difference is noted in config.json)",
+    )
     if kind == "classifier":
         a("--val-data", help="held-out images (default: hold out --val-fraction of --data)")
         a("--val-fraction", type=float, default=0.1)
@@ -271,6 +277,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(os_error_text(err)) from None
     setup.notes += notes
+    setup.force_resume = args.force
     if args.dry_run:
         print(json.dumps(setup.describe(), indent=2, default=str))
         return 0

@@ -9,6 +9,7 @@ label), optionally fits the network's class count to the data, and returns a `Ru
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,7 @@ class RunSetup:
     null_label: int | None = None
     init_from: str | None = None
     notes: list[str] = field(default_factory=list)
+    force_resume: bool = False  # continue a run whose identity differs (`adm train --force`)
 
     def class_map(self) -> dict[str, Any]:
         return {
@@ -126,6 +128,7 @@ class RunSetup:
             "data": {
                 **dataclasses.asdict(self.data),
                 "items": len(self.source),
+                "fingerprint": data_fingerprint(self.source),
                 "held_out_items": len(self.val_source) if self.val_source is not None else 0,
                 **self.class_map(),
             },
@@ -133,6 +136,45 @@ class RunSetup:
             "init_from": self.init_from,
             "notes": self.notes,
         }
+
+
+# What makes a run that run: a resume whose values differ is refused (`Trainer`), naming each.
+# --steps, --lr and --anneal-lr follow the LR rules of `adm.training.lr`; intervals, workers,
+# progress and the device may change freely.
+IDENTITY = {
+    "train": ("batch_size", "weight_decay", "timestep_sampler", "precision", "grad_clip",
+              "label_dropout", "noised", "random_crop", "random_flip", "seed"),
+    "data": ("items", "fingerprint", "held_out_items", "class_names", "labels", "null_label"),
+}  # fmt: skip
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """ "train.seed: 0 -> 1" for each identity value of two `describe()`s that differs (a value
+    the old one lacks, written by an older adm, is not compared)."""
+    out = []
+    new = json.loads(json.dumps(new, default=str))  # as written to config.json: lists, not tuples
+    for section, keys in IDENTITY.items():
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in keys:
+            if key in a and a[key] != b.get(key):
+                out.append(f"{section}.{key}: {_short(a[key])} -> {_short(b.get(key))}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def data_fingerprint(source: datalib.Source) -> str:
+    """16 hex digits of SHA-256 over the image names and labels in order: another file list, a
+    relabelled class or reordered data give another fingerprint (the pixels are not read)."""
+    digest = hashlib.sha256()
+    for i in range(len(source)):
+        digest.update(source.name(i).encode() + b"\0")
+    if source.labels is not None:
+        digest.update(np.asarray(source.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _num_outputs(preset: Preset) -> int | None:

@@ -30,7 +30,7 @@ from adm.models.presets import build_model, preset_to_dict
 from adm.training import state as ts
 from adm.training.log import MetricMeter
 from adm.training.lr import LRSchedule, ScheduleConflict, resume_note
-from adm.training.setup import RunSetup
+from adm.training.setup import RunSetup, identity_differences
 
 __all__ = ["Trainer", "TrainingError", "amp_dtype"]
 
@@ -62,6 +62,7 @@ class Trainer:
         self.amp = amp_dtype(self.cfg.precision, self.device)
         self.diff = Diffusion.from_config(self.preset.diffusion)
         self.sampler = create_sampler(self.cfg.timestep_sampler, self.diff.num_steps)
+        self.notes: list[str] = []
         resume, previous = self._prepare_run_dir()
         dist.seed_everything(self.cfg.seed)
         self.model = build_model(self.preset).to(self.device).train()
@@ -78,7 +79,6 @@ class Trainer:
         self.step, self.skipped, self.nonfinite_run = 0, 0, 0
         self.bad_images: set[str] = set()
         self.schedule = LRSchedule(self.cfg.lr, self.cfg.steps, self.cfg.anneal_lr)
-        self.notes: list[str] = []
         # Every change of the LR schedule on resume, kept across restarts in config.json.
         self.lr_changes: list[dict[str, Any]] = list((previous or {}).get("lr_changes", []))
         if resume is not None:
@@ -119,6 +119,15 @@ class Trainer:
                         f"{self.run_dir} holds a run of a different model; resume it with its "
                         "own settings or choose a new --out folder"
                     )
+                elif changes := identity_differences(config, self.setup.describe()):
+                    if self.setup.force_resume:
+                        self.notes.append(f"--force: continuing with {'; '.join(changes)}")
+                    else:
+                        problem = (
+                            f"{self.run_dir} holds a run with other settings ("
+                            f"{'; '.join(changes)}); rerun with the run's own settings, pass "
+                            "--force to continue it with these, or choose a new --out folder"
+                        )
         resume, problem, previous = dist.broadcast_object((resume, problem, previous))
         if problem:
             raise TrainingError(problem)
