@@ -100,3 +100,31 @@ def test_sigint_stops_sampling_between_batches_and_resume_completes(tmp_path):
     assert whole.returncode == 0
     a = np.load(tmp_path / "cut" / "samples_4x28x28x1.npz")["arr_0"]
     np.testing.assert_array_equal(a, np.load(tmp_path / "whole" / "samples_4x28x28x1.npz")["arr_0"])
+
+
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [
+        (["--ema-rate", ","], 2, "--ema-rate ',': expected rates like 0.9999,0.999"),
+        (["--weight-decay", "inf"], 2, "weight decay must be a finite number >= 0, got inf"),
+        (["--grad-clip", "nan"], 2, "grad clip must be a positive finite number, got nan"),
+        (["--lr", "nan"], 2, "lr must be positive, got nan"),
+        (["--init-from", "fmnist_classifier"], 1,
+         "--init-from fmnist_classifier: its weights do not fit tiny_diffusion (missing "),
+    ],
+)  # fmt: skip
+def test_training_numbers_and_init_checkpoints_are_checked(tmp_path, capsys, extra, code, message):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((12, 12, 3), 60 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    out = tmp_path / "run"
+    data = ["--data", str(tmp_path / "imgs"), "--out", str(out), "--no-progress"]
+    argv = ["train", "--preset", "tiny_diffusion", "--set", "unet.image_size=16", "--steps", "1",
+            *data, *extra]  # fmt: skip
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()  # nothing written, not even the folder

@@ -318,6 +318,8 @@ def _train_config(args: argparse.Namespace, kind: str):
     else:
         try:
             rates = tuple(float(r) for r in str(args.ema_rate).split(",") if r.strip())
+            if not rates and str(args.ema_rate).strip():  # "," is a typo, not "no EMA"
+                raise ValueError
         except ValueError:
             message = f"--ema-rate {args.ema_rate!r}: expected rates like 0.9999,0.999"
             raise UserError(message) from None

@@ -214,6 +214,12 @@ def _shapes(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
+def fit_differences(state_dict: Mapping[str, Tensor], preset: Preset) -> list[str]:
+    """Why `state_dict` would not load into `preset`'s network ([] when it fits): missing and
+    unexpected keys and shape mismatches, readable ("out.0.weight: (64,) here, (32,) expected")."""
+    return _differences(_shapes(state_dict), state_dict_shapes(preset.network, preset.kind))
+
+
 def _differences(
     actual: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
 ) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,11 +70,17 @@ class TrainConfig:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.microbatch is None or self.microbatch >= 1, "microbatch must be >= 1"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, "weight decay must be >= 0"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"weight decay must be a finite number >= 0, got {self.weight_decay}",
+            ),
             (all(0 <= r < 1 for r in self.ema_rates), "EMA rates must lie in [0, 1)"),
             (0 <= self.label_dropout < 1, "label dropout must lie in [0, 1)"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad clip must be positive"),
+            (
+                self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
+                f"grad clip must be a positive finite number, got {self.grad_clip}",
+            ),
             (self.max_nonfinite >= 1, "max_nonfinite must be >= 1"),
             (
                 min(self.log_interval, self.save_interval, self.eval_interval) >= 1,

@@ -68,6 +68,12 @@ class Trainer:
         self.model = build_model(self.preset).to(self.device).train()
         if setup.init_from and resume is None:
             sd = checkpoint.load_state_dict(checkpoint.resolve_checkpoint(setup.init_from))
+            if diffs := checkpoint.fit_differences(sd, self.preset):
+                raise TrainingError(
+                    f"--init-from {setup.init_from}: its weights do not fit {self.preset.name} "
+                    f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}): start from a "
+                    f"checkpoint of the same architecture, or pick its preset with --preset"
+                )
             self.model.load_state_dict(sd, strict=True)
         rates = self.cfg.ema_rates
         self.ema = ts.EMA(self.model, rates)
