@@ -15,6 +15,7 @@ from adm import __version__
 from adm._util.atomic import atomic_path
 from adm._util.errors import UserError, os_error_text
 from adm.cli import checks
+from adm.cli import edit as cli_edit
 from adm.cli import models as cli_models
 from adm.cli import sample as cli_sample
 from adm.cli import sweep as cli_sweep
@@ -31,6 +32,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_flags_command(sub)
     cli_models.add_commands(sub)
     cli_sample.add_commands(sub)
+    cli_edit.add_commands(sub)
     cli_sweep.add_commands(sub)
     _add_eval_command(sub)
     _add_stats_command(sub)

@@ -146,6 +146,8 @@ def edit_batch(
                   generator=gens)  # fmt: skip
     model_fn = model_fn_of(run, diff)
     if job.mode == "sdedit":
+        if job.strength == 0:  # the input itself (a float round trip would lose grey levels)
+            return x0_u8.copy()
         out = sdedit.sdedit_sample(
             job.sampler, model_fn, diff, x0, noise, strength=job.strength,
             steps=int(job.steps), **common, **job.sampler_options,
