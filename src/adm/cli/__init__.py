@@ -3,6 +3,7 @@
 - `main`: the `adm` entry point and the small commands (demo, eval, stats)
 - `models`: `adm presets`, `adm info`, `adm convert`, `adm fetch`, `adm flags`
 - `sample`: `adm sample`, `adm upsample`, `adm nll`
+- `edit`: `adm inpaint` (RePaint, replacement) and `adm edit` (SDEdit)
 - `train`: `adm train`, `adm train-classifier`, `adm train-superres`
 - `checks`: argument checks shared by the commands (counts, ranges, writable folders)
 - `demo`: `adm demo`: classifier guidance on Fashion-MNIST with the bundled models
