@@ -201,3 +201,21 @@ def test_a_bad_mask_from_the_shell_exits_2_with_one_line(files, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "a mask has one channel" in result.stderr and not (tmp_path / "bad" / "batches").exists()
+
+
+def test_classifier_free_guidance_inpaints_a_class_conditional_model(files, tmp_path):
+    model = _save("tiny_diffusion", files["root"] / "cond.safetensors", 4, num_classes=11)
+    argv = ["inpaint", "--checkpoint", str(model), "--images", str(files["images"]),
+            "--masks", str(files["left"]), "--steps", "3", "--cfg-scale", "3", "--classes", "2,9",
+            "--sampler", "ddim", "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = np.load(tmp_path / "o" / "edits_4x32x32x3.npz")
+    assert out["arr_1"].tolist() == [2, 9, 2, 9]
+    np.testing.assert_array_equal(
+        out["arr_0"][:, :, :16], np.load(files["images"])["arr_0"][:, :, :16]
+    )
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert settings["job"]["cfg_scale"] == 3.0
+    # the null label (10, the last) is not a class to guide towards
+    argv[argv.index("2,9")] = "10"
+    assert cli.main([*argv[:-3], "--out", str(tmp_path / "bad")]) == 2
