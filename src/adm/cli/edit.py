@@ -173,7 +173,7 @@ def _job(args: argparse.Namespace, preset, scale: float):
             steps = Diffusion.from_config(config).num_steps
         except ValueError as err:
             raise UserError(f"--steps {args.steps}: {err}") from None
-        if jump is not None and args.resample > 1 and jump >= steps:
+        if jump is not None and (jump > steps or (args.resample > 1 and jump == steps)):
             raise UserError(
                 f"--jump {jump} must be smaller than the number of steps ({steps}) to resample"
             )

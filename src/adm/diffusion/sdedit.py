@@ -45,6 +45,18 @@ def sdedit_timesteps(num_train_steps: int, strength: float, steps: int) -> list[
     return [int(t) for t in grid]
 
 
+def edit_timesteps(sampler: str, num_train_steps: int, strength: float, steps: int) -> list[int]:
+    """`sdedit_timesteps`, checked to be enough for `sampler` (Heun and EDM need two)."""
+    timesteps = sdedit_timesteps(num_train_steps, strength, steps)
+    need = registry.sampler_info(sampler).min_steps
+    if timesteps and len(timesteps) < need:
+        raise ValueError(
+            f"sampler {sampler!r} needs at least {need} steps; strength {strength:g} of {steps} "
+            f"steps gives {len(timesteps)}: raise the steps or the strength"
+        )
+    return timesteps
+
+
 def sdedit_noise(diff: Diffusion, x0: Tensor, timesteps: list[int], noise: Tensor) -> Tensor:
     """x_{t_S} = √ᾱ x0 + √(1−ᾱ) ε at the edit's first timestep (ᾱ of the original schedule)."""
     top = torch.full((x0.shape[0],), timesteps[0], dtype=torch.long, device=x0.device)
@@ -65,14 +77,8 @@ def sdedit_sample(
     """Edit `x0` [N, C, H, W] in [-1, 1]: noise it to t_S with `noise` and run `sampler` (a
     registry name) over the edit's timesteps. `kwargs`: the registry's keywords (`cond_fn`,
     `model_kwargs`, `generator`, `clip_denoised`, the sampler's options). Strength 0: `x0`."""
-    timesteps = sdedit_timesteps(diff.schedule.original_num_steps, strength, steps)
+    timesteps = edit_timesteps(sampler, diff.schedule.original_num_steps, strength, steps)
     if not timesteps:
         return x0.clone()
-    need = registry.sampler_info(sampler).min_steps
-    if len(timesteps) < need:
-        raise ValueError(
-            f"sampler {sampler!r} needs at least {need} steps; strength {strength:g} of {steps} "
-            f"steps gives {len(timesteps)}: raise the steps or the strength"
-        )
     x_t = sdedit_noise(diff, x0, timesteps, noise)
     return registry.sample(sampler, model_fn, diff, x_t, timesteps=timesteps, **kwargs)

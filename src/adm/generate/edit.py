@@ -90,7 +90,7 @@ class EditJob:
         """Network calls per image batch."""
         if self.mode == "inpaint":
             return inpaint.network_calls(self.diffusion(config).num_steps, self.jump, self.resample)
-        ts = sdedit.sdedit_timesteps(config.steps, self.strength, int(self.steps))
+        ts = sdedit.edit_timesteps(self.sampler, config.steps, self.strength, int(self.steps))
         return registry.nfe(self.sampler, len(ts)) if ts else 0
 
 
