@@ -121,6 +121,7 @@ def inpaint_sample(
     if timesteps is not None:
         diff = diff.with_timesteps(timesteps)
     mask = mask.to(x0.dtype)
+    x0 = x0.contiguous()  # x_t takes x0's memory layout through the replacement
     times = jump_schedule(diff.num_steps, jump, resample)
     step = ddpm_step if sampler == "ddpm" else ddim_step
     options = {"eta": eta} if sampler == "ddim" else {}

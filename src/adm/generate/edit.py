@@ -133,7 +133,9 @@ def edit_batch(
     """Edited images, uint8 [len(indices), H, W, C], known pixels equal to the input."""
     job = run.job
     x0_u8 = run.images[indices]
-    x0 = torch.from_numpy(x0_u8).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    # contiguous: a permuted (channels-last) x0 would make x_t channels-last through the
+    # replacement, and the network's float32 kernels differ slightly between layouts
+    x0 = torch.from_numpy(x0_u8).to(device).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
     gens = [sample_generator(job.seed, i, 0, device) for i in indices]
     noise = draw_noise(x0, gens)
     kwargs = {}
