@@ -95,10 +95,17 @@ def test_a_mask_of_all_zeros_is_adm_sample_with_the_same_seeds(files, tmp_path, 
     np.testing.assert_array_equal(_edits(tmp_path / "inpaint"), sampled)
 
 
-def test_images_are_the_same_at_batch_sizes_1_and_4(files, tmp_path):
+@pytest.mark.parametrize("command", ["inpaint", "edit"])
+def test_images_are_the_same_at_batch_sizes_1_and_4(files, tmp_path, command):
     for bs in ("1", "4"):
-        assert _inpaint(files, tmp_path / bs, "--batch-size", bs, "--resample", "2",
-                        "--jump", "2") == 0  # fmt: skip
+        if command == "inpaint":
+            rc = _inpaint(
+                files, tmp_path / bs, "--batch-size", bs, "--resample", "2", "--jump", "2"
+            )
+        else:
+            rc = _edit(files, tmp_path / bs, "--batch-size", bs, "--strength", "0.6",
+                       "--sampler", "ddpm")  # fmt: skip
+        assert rc == 0
     diff = np.abs(_edits(tmp_path / "1").astype(int) - _edits(tmp_path / "4").astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float32 kernels per batch size
 
