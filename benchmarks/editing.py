@@ -60,12 +60,19 @@ def inpainting(args, judge: Judge, images, labels, out: Path, log: list[str]) ->
     np.savez(out / "inputs.npz", images, labels)
     np.savez(out / "right_half.npz", np.where(keep, 255, 0).astype(np.uint8)[None])
     rows = []
-    for name, r in (("RePaint", args.resample), ("replacement", 1)):
+    from adm.diffusion.inpaint import network_calls
+
+    methods = [("RePaint", args.resample, args.steps), ("replacement", 1, args.steps)]
+    if args.equal_nfe:  # replacement given as many network calls as RePaint, in more steps
+        methods = [
+            ("replacement-equal-NFE", 1, network_calls(args.steps, args.jump, args.resample))
+        ]
+    for name, r, steps in methods:
         for scale in (0.0, args.scale):
             folder = out / f"inpaint_{name}_s{scale:g}"
             argv = ["inpaint", "--checkpoint", "fmnist_diffusion", "--images",
                     str(out / "inputs.npz"), "--masks", str(out / "right_half.npz"),
-                    "--steps", str(args.steps), "--jump", str(args.jump), "--resample", str(r),
+                    "--steps", str(steps), "--jump", str(args.jump), "--resample", str(r),
                     "--batch-size", "50", "--out", str(folder), "--no-progress"]  # fmt: skip
             if scale:
                 argv += ["--classifier", "fmnist_classifier", "--classifier-scale", f"{scale:g}",
@@ -75,7 +82,8 @@ def inpainting(args, judge: Judge, images, labels, out: Path, log: list[str]) ->
             logits, _ = judge(edits)
             hole = ~keep
             rows.append({
-                "method": name, "resample": r, "jump": args.jump, "scale": scale,
+                "method": name, "resample": r, "jump": args.jump, "scale": scale, "steps": steps,
+                "nfe": network_calls(steps, args.jump, r),
                 "judge_accuracy": float((logits.argmax(1).numpy() == labels).mean()),
                 "masked_mae": float(np.abs(edits.astype(float) - images)[:, hole].mean()),
                 "masked_rmse": float(np.sqrt(((edits.astype(float) - images)[:, hole] ** 2)
@@ -157,6 +165,8 @@ def main() -> None:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--sdedit-sampler", default="ddpm")
     p.add_argument("--only", choices=("inpaint", "sdedit"))
+    p.add_argument("--equal-nfe", action="store_true", help="inpainting: only replacement with "
+                   "RePaint's number of network calls")  # fmt: skip
     p.add_argument("--figures", metavar="DOCS_IMAGES", help="only draw the docs' grids from --out")
     args = p.parse_args()
     out = Path(args.out)
@@ -176,7 +186,9 @@ def main() -> None:
         result["translation"] = translation(args, judge, test_images, test_labels, out, log)
     result.update(commands=log, seconds=round(time.perf_counter() - start, 1),
                   load_average_end=os.getloadavg())  # fmt: skip
-    (out / f"results_{args.only or 'all'}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"results_{args.only or 'all'}{'_equal_nfe' if args.equal_nfe else ''}.json").write_text(
+        json.dumps(result, indent=2) + "\n"
+    )
     print(json.dumps(result, indent=2))
     if shutil.which("uptime"):
         os.system("uptime")
