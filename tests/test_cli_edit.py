@@ -161,6 +161,9 @@ def _bad_files(files) -> dict[str, Path]:
     np.savez(named["MRGB"], np.full((1, 32, 32, 3), 255, np.uint8))
     np.savez(named["M01"], np.ones((1, 32, 32), np.uint8))
     np.savez(named["SMALL"], np.zeros((2, 16, 16, 3), np.uint8))
+    named["NPY"], named["JUNK"] = root / "images.npy", root / "junk.npz"
+    np.save(named["NPY"], np.zeros((2, 32, 32, 3), np.uint8))
+    named["JUNK"].write_text("not an npz")
     return named
 
 
@@ -190,6 +193,8 @@ def _bad_argv(files, command: str, extra, out: Path) -> list[str]:
         ("inpaint", ("--masks", "LEFT", "--classes", "2"), "the model is unconditional"),
         ("inpaint", ("--masks", "LEFT", "--classifier", "CLF"), "--classes is needed to guide"),
         ("inpaint", ("--masks", "missing.npz"), "--masks missing.npz: no such file or folder"),
+        ("edit", ("--strength", "0.5", "--images", "NPY"), "expected an .npz (arr_0) or a folder"),
+        ("inpaint", ("--masks", "JUNK"), "junk.npz: not a readable .npz"),
         ("edit", ("--strength", "1.5"), "--strength must be in [0, 1], got 1.5"),
         ("edit", ("--strength", "-0.1"), "--strength must be in [0, 1], got -0.1"),
         ("edit", ("--strength", "nan"), "--strength must be in [0, 1], got nan"),

@@ -106,15 +106,21 @@ def _read(path: Path, flag: str, *, grey: bool) -> tuple[np.ndarray, np.ndarray 
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file or folder")
     try:
-        with np.load(path) as data:
+        data = np.load(path)
+    except (OSError, EOFError, ValueError):
+        raise ValueError(f"{flag} {path}: not a readable .npz") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{flag} {path}: expected an .npz (arr_0) or a folder of images")
+    try:
+        with data:
             if "arr_0" not in data.files:
-                raise ValueError(f"{flag} {path}: no arr_0 (the images) in the .npz")
+                raise ValueError(f"{flag} {path}: no arr_0 in the .npz")
             labels = data["arr_1"].astype(np.int64) if "arr_1" in data.files else None
             return data["arr_0"], labels
     except (OSError, EOFError, ValueError) as err:
         if str(err).startswith(flag):
             raise
-        raise ValueError(f"{flag} {path}: not a readable .npz ({err})") from None
+        raise ValueError(f"{flag} {path}: not a readable .npz") from None
 
 
 def _read_folder(folder: Path, flag: str, *, grey: bool) -> np.ndarray:
