@@ -69,11 +69,12 @@ def inpainting(args, judge: Judge, images, labels, out: Path, log: list[str]) ->
         ]
     for name, r, steps in methods:
         for scale in (0.0, args.scale):
-            folder = out / f"inpaint_{name}_s{scale:g}"
+            folder = out / f"inpaint_{name}_s{scale:g}{_seed_tag(args)}"
             argv = ["inpaint", "--checkpoint", "fmnist_diffusion", "--images",
                     str(out / "inputs.npz"), "--masks", str(out / "right_half.npz"),
                     "--steps", str(steps), "--jump", str(args.jump), "--resample", str(r),
-                    "--batch-size", "50", "--out", str(folder), "--no-progress"]  # fmt: skip
+                    "--batch-size", "50", "--out", str(folder), "--no-progress",
+                    "--seed", str(args.seed)]  # fmt: skip
             if scale:
                 argv += ["--classifier", "fmnist_classifier", "--classifier-scale", f"{scale:g}",
                          "--classes", "labels"]  # fmt: skip
@@ -94,6 +95,10 @@ def inpainting(args, judge: Judge, images, labels, out: Path, log: list[str]) ->
             })  # fmt: skip
             print(rows[-1], flush=True)
     return rows
+
+
+def _seed_tag(args) -> str:
+    return f"_seed{args.seed}" if args.seed else ""
 
 
 def translation(args, judge: Judge, test_images, test_labels, out: Path, log) -> list[dict]:
@@ -165,6 +170,7 @@ def main() -> None:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--sdedit-sampler", default="ddpm")
     p.add_argument("--only", choices=("inpaint", "sdedit"))
+    p.add_argument("--seed", type=int, default=0, help="inpainting: --seed of the runs")
     p.add_argument("--equal-nfe", action="store_true", help="inpainting: only replacement with "
                    "RePaint's number of network calls")  # fmt: skip
     p.add_argument("--figures", metavar="DOCS_IMAGES", help="only draw the docs' grids from --out")
@@ -186,9 +192,8 @@ def main() -> None:
         result["translation"] = translation(args, judge, test_images, test_labels, out, log)
     result.update(commands=log, seconds=round(time.perf_counter() - start, 1),
                   load_average_end=os.getloadavg())  # fmt: skip
-    (out / f"results_{args.only or 'all'}{'_equal_nfe' if args.equal_nfe else ''}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
-    )
+    tag = f"{args.only or 'all'}{'_equal_nfe' if args.equal_nfe else ''}{_seed_tag(args)}"
+    (out / f"results_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if shutil.which("uptime"):
         os.system("uptime")
