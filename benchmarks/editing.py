@@ -68,7 +68,7 @@ def inpainting(args, judge: Judge, images, labels, out: Path, log: list[str]) ->
             ("replacement-equal-NFE", 1, network_calls(args.steps, args.jump, args.resample))
         ]
     for name, r, steps in methods:
-        for scale in (0.0, args.scale):
+        for scale in args.inpaint_scales or (0.0, args.scale):
             folder = out / f"inpaint_{name}_s{scale:g}{_seed_tag(args)}"
             argv = ["inpaint", "--checkpoint", "fmnist_diffusion", "--images",
                     str(out / "inputs.npz"), "--masks", str(out / "right_half.npz"),
@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--sdedit-sampler", default="ddpm")
     p.add_argument("--only", choices=("inpaint", "sdedit"))
+    p.add_argument("--inpaint-scales", type=float, nargs="+", help="default: 0 and --scale")
     p.add_argument("--seed", type=int, default=0, help="inpainting: --seed of the runs")
     p.add_argument("--equal-nfe", action="store_true", help="inpainting: only replacement with "
                    "RePaint's number of network calls")  # fmt: skip
