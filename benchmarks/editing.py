@@ -106,7 +106,7 @@ def translation(args, judge: Judge, test_images, test_labels, out: Path, log) ->
     images = test_images[rows_idx]
     np.savez(out / "source.npz", images)
     rows = []
-    for scale in (0.0, args.translate_scale):
+    for scale in args.translate_scales or (0.0, args.translate_scale):
         for strength in args.strengths:
             folder = out / f"sdedit_s{scale:g}_S{strength:g}"
             argv = ["edit", "--checkpoint", "fmnist_diffusion", "--images",
@@ -167,6 +167,7 @@ def main() -> None:
     p.add_argument("--source", type=int, default=7, help="SDEdit source class (7: sneaker)")
     p.add_argument("--target", type=int, default=5, help="SDEdit target class (5: sandal)")
     p.add_argument("--translate-scale", type=float, default=8.0)
+    p.add_argument("--translate-scales", type=float, nargs="+", help="default: 0 and the above")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--sdedit-sampler", default="ddpm")
     p.add_argument("--only", choices=("inpaint", "sdedit"))
