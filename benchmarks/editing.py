@@ -195,6 +195,8 @@ def main() -> None:
     result.update(commands=log, seconds=round(time.perf_counter() - start, 1),
                   load_average_end=os.getloadavg())  # fmt: skip
     tag = f"{args.only or 'all'}{'_equal_nfe' if args.equal_nfe else ''}{_seed_tag(args)}"
+    if args.translate_scales:
+        tag += "_scales" + "-".join(f"{s:g}" for s in args.translate_scales)
     (out / f"results_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if shutil.which("uptime"):
