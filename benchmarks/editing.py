@@ -132,24 +132,22 @@ def translation(args, judge: Judge, test_images, test_labels, out: Path, log) ->
     return rows
 
 
-def figures(out: Path, docs: Path, count: int = 8) -> None:
+def figures(out: Path, docs: Path, scale: float, count: int = 8) -> None:
     """docs/images/editing_inpaint.png (columns: input, masked input, replacement, RePaint, each
-    unguided then guided) and editing_sdedit.png (input, then each strength, guided)."""
+    unguided then guided) and editing_sdedit.png (input, then each strength, guided at `scale`)."""
     from adm.generate.sample import save_grid
 
     images = np.load(out / "inputs.npz")["arr_0"][:count]
     keep = np.load(out / "right_half.npz")["arr_0"][0] >= 128
     masked = np.where(keep, images, 128).astype(np.uint8)
     columns = [images, masked]
-    for folder in sorted(out.glob("inpaint_replacement_s*")) + sorted(
-        out.glob("inpaint_RePaint_s*")
-    ):
+    runs = sorted(out.glob("inpaint_replacement_s*")) + sorted(out.glob("inpaint_RePaint_s*"))
+    for folder in [f for f in runs if "_seed" not in f.name]:  # seed 0 only
         columns.append(np.load(next(folder.glob("edits_*.npz")))["arr_0"][:count, ..., 0])
     tiles = np.stack(columns, axis=1).reshape(-1, 28, 28, 1)
     save_grid(tiles, docs / "editing_inpaint.png", columns=len(columns))
     source = np.load(out / "source.npz")["arr_0"][:count]
     columns = [source]
-    scale = max(float(f.name.split("_s")[1].split("_S")[0]) for f in out.glob("sdedit_s*"))
     for folder in sorted(out.glob(f"sdedit_s{scale:g}_S*")):
         columns.append(np.load(next(folder.glob("edits_*.npz")))["arr_0"][:count, ..., 0])
     tiles = np.stack(columns, axis=1).reshape(-1, 28, 28, 1)
@@ -180,7 +178,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.figures:
-        figures(out, Path(args.figures))
+        figures(out, Path(args.figures), args.translate_scale)
         return
     test_images, test_labels = fashion_mnist.load(fashion_mnist.find(None), "t10k")
     judge = Judge(checkpoint.load_model("fmnist_judge")[0].eval())
