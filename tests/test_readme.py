@@ -41,6 +41,18 @@ def test_python_api_snippet_runs_as_written(tmp_path: Path) -> None:
     assert "torch.Size([4, 1, 28, 28])" in result.stdout
 
 
+def test_editing_snippet_runs_as_written(tmp_path: Path) -> None:
+    (snippet,) = _code_blocks(_section("Editing: inpainting and SDEdit"), "python")
+    script = tmp_path / "editing.py"
+    script.write_text(snippet)
+    result = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", str(script)],
+        cwd=tmp_path, env=_env_without_wait_policy(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.Size([4, 1, 28, 28]) torch.Size([4, 1, 28, 28])" in result.stdout
+
+
 def _import_order(first: str, second: str, **env: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", f"import {first}\nimport {second}\n"],

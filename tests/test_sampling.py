@@ -115,3 +115,13 @@ def test_progressive_yields_every_step_in_order():
         )
     )
     assert [s.t for s in steps] == [4, 3, 2, 1, 0]
+
+
+def test_ddim_eta_one_stays_finite_where_the_cosine_alpha_bar_is_almost_zero():
+    # respaced "8" keeps t = 999, where ᾱ ≈ 2e-9: 1 − ᾱ_prev − σ² rounded below 0 in float32
+    diff = Diffusion.from_config(
+        DiffusionConfig(steps=1000, noise_schedule="cosine", timestep_respacing="8")
+    )
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = samplers.ddim_sample(lambda x, t, **_: torch.tanh(x), diff, noise, eta=1.0)
+    assert torch.isfinite(out).all()

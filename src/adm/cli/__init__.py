@@ -4,6 +4,7 @@
 - `evaluate`: `adm eval`, `adm stats`: any input kind, a metric subset, KID, FD-DINOv2
 - `models`: `adm presets`, `adm info`, `adm convert`, `adm fetch`, `adm flags`
 - `sample`: `adm sample`, `adm upsample`, `adm nll`
+- `edit`: `adm inpaint` (RePaint, replacement) and `adm edit` (SDEdit)
 - `train`: `adm train`, `adm train-classifier`, `adm train-superres`
 - `checks`: argument checks shared by the commands (counts, ranges, writable folders)
 - `demo`: `adm demo`: classifier guidance on Fashion-MNIST with the bundled models

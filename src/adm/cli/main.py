@@ -15,6 +15,7 @@ import sys
 from adm import __version__
 from adm._util.errors import UserError, os_error_text
 from adm.cli import checks
+from adm.cli import edit as cli_edit
 from adm.cli import evaluate as cli_evaluate
 from adm.cli import models as cli_models
 from adm.cli import sample as cli_sample
@@ -32,6 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_flags_command(sub)
     cli_models.add_commands(sub)
     cli_sample.add_commands(sub)
+    cli_edit.add_commands(sub)
     cli_sweep.add_commands(sub)
     cli_evaluate.add_commands(sub)
     _add_train_command(sub)

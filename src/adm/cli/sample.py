@@ -299,12 +299,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         classifier=classifier, null_label=null_label,
         settings={"model": preset.name, "checkpoint": args.checkpoint,
                   "classifier": args.classifier, "device": str(device),
-                  **_digests(checkpoint=args.checkpoint, classifier=args.classifier)},
+                  **digests(checkpoint=args.checkpoint, classifier=args.classifier)},
     )  # fmt: skip
     return _run(run, args)
 
 
-def _digests(**files: str | None) -> dict[str, str]:
+def digests(**files: str | None) -> dict[str, str]:
     """`<name>_sha256` of each input file given: a run's identity, so that `--resume` refuses a
     checkpoint replaced at the same path (samples of two models in one batch set)."""
     from adm._util.digest import sha256_file
@@ -378,7 +378,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         low_res=base["arr_0"][: job.num_samples],
         labels=(labels if labels is not None else np.zeros(n, int))[: job.num_samples],
         settings={"model": preset.name, "checkpoint": args.checkpoint, "base": args.base,
-                  **_digests(checkpoint=args.checkpoint, base=args.base)},
+                  **digests(checkpoint=args.checkpoint, base=args.base)},
     )  # fmt: skip
     return _run(run, args)
 

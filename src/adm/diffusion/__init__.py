@@ -8,6 +8,8 @@
 - `edm`: the EDM Heun and stochastic samplers on the discrete σ table
 - `registry`: every sampler by name, its options and its NFE
 - `names`: sampler and grid names without torch (for the command line)
+- `inpaint`: inpainting by known-region replacement and RePaint's resampling (jump schedule)
+- `sdedit`: image-to-image editing (SDEdit): noise to t = S·T, denoise with any sampler
 - `guidance`: classifier guidance (cond_fn) and classifier-free guidance (model_fn wrapper)
 - `resample`: timestep samplers for training: uniform and loss-aware (importance sampling)
 """

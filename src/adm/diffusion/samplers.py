@@ -189,8 +189,11 @@ def ddim_step(
     )
     if noise is None:
         noise = draw_noise(x_t, generator)
+    # 1 − ᾱ_prev − σ² is ≥ 0 exactly, but rounds below 0 in float32 when ᾱ_t ≈ 0 and η = 1
+    # (the cosine schedule's last step): clamp instead of taking the root of a negative number.
     mean = (
-        out.pred_x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        out.pred_x0 * torch.sqrt(alpha_bar_prev)
+        + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * eps
     )
     return mean + _nonzero_mask(t, x_t) * sigma * noise, out.pred_x0
 

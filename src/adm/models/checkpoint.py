@@ -156,7 +156,8 @@ def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    # NotImplementedError: zipfile's answer to a garbled "version needed to extract" field
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError):
         return "a truncated or damaged zip archive (an interrupted download?)"
     if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         return "torch zip"
