@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from adm.data.images import to_8bit
+
 
 def _halve_while_large(image: Image.Image, target_short_side: int) -> Image.Image:
     # Repeated 2x BOX downsampling first: one big bicubic step would alias.
@@ -305,7 +307,7 @@ class TrainingImages(torch.utils.data.Dataset):
         epoch, index = key
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
         try:
-            image = self.source.load(index).convert("RGB" if self.channels == 3 else "L")
+            image = to_8bit(self.source.load(index), self.channels)
         except Exception as err:  # PIL raises many types for corrupt files
             return BadImage(self.source.name(index), f"{type(err).__name__}: {err}")
         if self.random_crop:

@@ -202,11 +202,14 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: Path, width: int, height: int) -> np.ndarray:
-    """uint8 [height, width, 3]: PIL's RGB conversion, resized (bicubic) if its size differs."""
+    """uint8 [height, width, 3]: RGB (16-bit and float grey scaled, `adm.data.images`), resized
+    (bicubic) if its size differs."""
     from PIL import Image
 
+    from adm.data.images import to_8bit
+
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_8bit(im, 3)
         if im.size != (width, height):
             im = im.resize((width, height), Image.Resampling.BICUBIC)
         return np.asarray(im, dtype=np.uint8)

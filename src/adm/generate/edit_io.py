@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from adm.data.images import SIXTEEN_BIT, to_8bit
 from adm.generate.sample import save_grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -131,8 +132,8 @@ def _read_folder(folder: Path, flag: str, *, grey: bool) -> np.ndarray:
     for f in files:
         try:
             with Image.open(f) as im:
-                if grey and im.mode == "1":
-                    im = im.convert("L")
+                if (grey and im.mode == "1") or im.mode in SIXTEEN_BIT or im.mode == "F":
+                    im = to_8bit(im, 1)  # scaled, not clipped (adm.data.images)
                 if im.mode not in ("L", "RGB", "LA", "RGBA"):
                     im = im.convert("RGBA" if "A" in im.mode else "RGB")
                 arrays.append(np.asarray(im))
