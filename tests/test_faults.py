@@ -128,3 +128,53 @@ def test_training_numbers_and_init_checkpoints_are_checked(tmp_path, capsys, ext
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()  # nothing written, not even the folder
+
+
+def _tiny_training(tmp_path, steps: int) -> list[str]:
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    if not data.exists():
+        data.mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((12, 12, 3), 60 * i, np.uint8)).save(data / f"{i}.png")
+    return ["train", "--preset", "tiny_diffusion", "--set", "unet.image_size=16", "--data",
+            str(data), "--out", str(tmp_path / "run"), "--steps", str(steps), "--batch-size", "2",
+            "--save-interval", "2", "--no-progress"]  # fmt: skip
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+    from adm.training import state as train_state
+
+    assert cli.main(_tiny_training(tmp_path, 4)) == 0
+    state = tmp_path / "run" / "state_000004.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as by a crash of the disk
+    capsys.readouterr()
+    assert cli.main(_tiny_training(tmp_path, 6)) == 0
+    err = capsys.readouterr().err
+    assert ("adm: resumed from step 2, the newest intact checkpoint; skipped the damaged step 4: "
+            "state_000004.pt cannot be read") in err  # fmt: skip
+    assert train_state.checkpoint_steps(tmp_path / "run")[-1] == 6
+
+
+def test_disk_full_while_saving_is_one_line_naming_the_intact_checkpoint(tmp_path, capsys,
+                                                                          monkeypatch):  # fmt: skip
+    import errno
+
+    from adm.models import checkpoint
+
+    real, calls = checkpoint.save_model, []
+
+    def full_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_model", full_on_second)
+    assert cli.main(_tiny_training(tmp_path, 4)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"adm train: error: no space left on device while writing the checkpoint "
+                       f"of step 4 in {tmp_path / 'run'}; the previous checkpoint (step 2) is "
+                       "intact")  # fmt: skip

@@ -12,7 +12,11 @@ hybrid diffusion loss or the noisy-classifier cross-entropy; non-finite losses s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import pickle
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adm._util import dist
+from adm._util.errors import os_error_text
 from adm.data import datasets as datalib
 from adm.diffusion.gaussian import Diffusion, q_sample, training_losses
 from adm.diffusion.resample import create_sampler
@@ -40,6 +45,19 @@ _CLASSIFIER_COLUMNS = ["loss", "acc1", "acc5"]
 
 class TrainingError(RuntimeError):
     """Training cannot go on (repeated non-finite losses, an incompatible run folder)."""
+
+
+class _Damaged(Exception):
+    """A checkpoint file of the run cannot be read (truncated, corrupted, missing)."""
+
+
+def _read(path: Path, load: Callable[[], Any]) -> Any:
+    """`load()`, a failure to read `path` turned into `_Damaged` naming the file."""
+    try:
+        return load()
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise _Damaged(f"{path.name} cannot be read ({reason})") from None
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -88,7 +106,7 @@ class Trainer:
         # Every change of the LR schedule on resume, kept across restarts in config.json.
         self.lr_changes: list[dict[str, Any]] = list((previous or {}).get("lr_changes", []))
         if resume is not None:
-            self._restore(resume, previous)
+            self._restore_newest_intact(resume, previous)
         if info.is_main:
             self._write_run_files()
         self.net = self.model
@@ -148,9 +166,32 @@ class Trainer:
         ts.write_json(self.run_dir / "config.json", describe)
         ts.write_json(self.run_dir / "classes.json", self.setup.class_map())
 
+    def _restore_newest_intact(self, newest: int, previous: dict[str, Any] | None) -> None:
+        """Resume from the newest checkpoint whose files all read; a damaged newer one (e.g. a
+        truncated state file) is skipped, and the notes and the console say so."""
+        damaged: list[str] = []
+        for step in sorted((s for s in ts.checkpoint_steps(self.run_dir) if s <= newest),
+                           reverse=True):  # fmt: skip
+            try:
+                self._restore(step, previous)
+            except _Damaged as err:
+                damaged.append(f"step {step}: {err}")
+                continue
+            if damaged:
+                note = (f"resumed from step {step}, the newest intact checkpoint; skipped the "
+                        f"damaged {'; '.join(damaged)}")  # fmt: skip
+                self.notes.append(note)
+                if self.info.is_main:
+                    tqdm.write(f"adm: {note}", file=sys.stderr)
+            return
+        raise TrainingError(
+            f"{self.run_dir}: no checkpoint can be read ({'; '.join(damaged)}); move the run "
+            "folder away to start afresh"
+        )
+
     def _restore(self, step: int, previous: dict[str, Any] | None) -> None:
         run_dir = self.run_dir
-        state = ts.load_state(run_dir, step)
+        state = _read(ts.state_path(run_dir, step), lambda: ts.load_state(run_dir, step))
         self.step = state["step"]
         # The LR schedule first: a refused resume costs no weight loading.
         if "lr_schedule" in state:
@@ -164,12 +205,13 @@ class Trainer:
             note = resume_note(saved, self.schedule, self.step)
         except ScheduleConflict as err:
             raise TrainingError(f"{run_dir}: {err}") from None
-        self.model.load_state_dict(checkpoint.load_state_dict(ts.model_path(run_dir, step)))
+        path = ts.model_path(run_dir, step)
+        self.model.load_state_dict(_read(path, lambda: checkpoint.load_state_dict(path)))
         for rate in self.ema.rates:
             path = ts.ema_path(run_dir, rate, step)
             if not path.is_file():
                 raise TrainingError(f"{path} is missing: resume with the run's own --ema-rate")
-            self.ema.load(rate, checkpoint.load_state_dict(path))
+            self.ema.load(rate, _read(path, lambda path=path: checkpoint.load_state_dict(path)))
         self.opt.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -187,34 +229,50 @@ class Trainer:
         """Write the checkpoint of the current step (all ranks must call it)."""
         rngs = dist.all_gather_objects(dist.rng_state())
         if self.info.is_main:
-            checkpoint.save_model(self.model, self.preset, ts.model_path(self.run_dir, self.step))
-            for rate in self.ema.rates:
-                checkpoint.write_state_dict(
-                    self.ema.state_dict(self.model, rate), self.preset,
-                    ts.ema_path(self.run_dir, rate, self.step),
-                )  # fmt: skip
-            state = {
-                "kind": self.kind,
-                "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-                "sampler": self.sampler.state_dict(),
-                "rng": rngs,
-                "world_size": self.info.world_size,
-                "data": {
-                    "global_batch": self.cfg.batch_size,
-                    "seed": self.cfg.seed,
-                    "items": len(self.setup.source),
-                    "next_step": self.step,
-                },
-                "ema_rates": list(self.ema.rates),
-                "lr_schedule": self.schedule.to_dict(),
-                "skipped_steps": self.skipped,
-                "bad_images": sorted(self.bad_images),
-                "class_map": json.dumps(self.setup.class_map()),
-            }
-            ts.save_state(self.run_dir, self.step, state)
-            ts.prune(self.run_dir, self.cfg.keep)
+            try:
+                self._write_checkpoint(rngs)
+            except OSError as err:  # e.g. disk full: one line, and what is still safe
+                last = ts.latest_step(self.run_dir)
+                kept = "no earlier checkpoint" if last is None else (
+                    f"the previous checkpoint (step {last}) is intact")  # fmt: skip
+                what = "no space left on device" if err.errno == errno.ENOSPC else (
+                    os_error_text(err))  # fmt: skip
+                raise TrainingError(
+                    f"{what} while writing the checkpoint of step {self.step} in "
+                    f"{self.run_dir}; {kept}"
+                ) from None
         dist.barrier()
+
+    def _write_checkpoint(self, rngs: list[Any]) -> None:
+        """The model, EMA and state files of this step (the state file last: it marks the
+        checkpoint complete), then the pruning of old ones."""
+        checkpoint.save_model(self.model, self.preset, ts.model_path(self.run_dir, self.step))
+        for rate in self.ema.rates:
+            checkpoint.write_state_dict(
+                self.ema.state_dict(self.model, rate), self.preset,
+                ts.ema_path(self.run_dir, rate, self.step),
+            )  # fmt: skip
+        state = {
+            "kind": self.kind,
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "sampler": self.sampler.state_dict(),
+            "rng": rngs,
+            "world_size": self.info.world_size,
+            "data": {
+                "global_batch": self.cfg.batch_size,
+                "seed": self.cfg.seed,
+                "items": len(self.setup.source),
+                "next_step": self.step,
+            },
+            "ema_rates": list(self.ema.rates),
+            "lr_schedule": self.schedule.to_dict(),
+            "skipped_steps": self.skipped,
+            "bad_images": sorted(self.bad_images),
+            "class_map": json.dumps(self.setup.class_map()),
+        }
+        ts.save_state(self.run_dir, self.step, state)
+        ts.prune(self.run_dir, self.cfg.keep)
 
     # ---- one optimisation step --------------------------------------------------------------
 
