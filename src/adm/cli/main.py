@@ -22,8 +22,16 @@ from adm.cli import sample as cli_sample
 from adm.cli import sweep as cli_sweep
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: "adm sample: error: argument --num-samples: invalid int
+    value: 'abc' (adm sample --help lists the options)" instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="adm",
         description="Diffusion Models Beat GANs (ADM): sample, train and evaluate.",
     )

@@ -267,11 +267,27 @@ def run_record(run: Run) -> dict:
     }
 
 
+def check_fits_in_memory(num_samples: int, config) -> None:
+    """The finished .npz is assembled in memory: refuse, before any work, a --num-samples whose
+    uint8 images would not fit in this machine's memory."""
+    size = config.image_size**2 * config.in_channels * num_samples
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: only the absurd is refused
+        memory = 1 << 40
+    if size > memory:
+        raise ValueError(
+            f"--num-samples {num_samples}: the samples take {size / 2**30:.3g} GiB, more than "
+            f"this machine's {memory / 2**30:.3g} GiB of memory; sample in several runs"
+        )
+
+
 def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> dict[str, Path]:
     """Sample `run.job.num_samples` images; rank r of a torchrun world takes batches r, r+W, ...
     Returns the written paths (on rank 0; other ranks return {})."""
     job, out_dir = run.job, run.out_dir
     device = _device_of(run.model)  # under torchrun: this rank's device, chosen by the caller
+    check_fits_in_memory(job.num_samples, run.model.config)
     info = dist.setup(str(device)) if dist_world() > 1 else dist.DistInfo(device=device)
     num_batches = math.ceil(job.num_samples / job.batch_size)
     if run.labels is None:  # unconditional runs carry label 0 (not written to the .npz)
