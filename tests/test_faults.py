@@ -178,3 +178,27 @@ def test_disk_full_while_saving_is_one_line_naming_the_intact_checkpoint(tmp_pat
     assert err[-1] == (f"adm train: error: no space left on device while writing the checkpoint "
                        f"of step 4 in {tmp_path / 'run'}; the previous checkpoint (step 2) is "
                        "intact")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"arr_0": (0, 16, 16, 3), "arr_1": [0] * 0}, "holds no images (arr_0 is empty)"),
+        ({"arr_0": (2, 16, 16, 3), "arr_1": [-1, -5]}, "label -5 is out of range (0..999)"),
+        ({"arr_0": (2, 16, 16, 3), "arr_1": [0.5, 1.0]},
+         "arr_1 must hold one integer label per image (2), got float64 (2,)"),
+    ],
+)  # fmt: skip
+def test_upsample_bases_without_images_or_with_bad_labels_are_one_line(tmp_path, capsys, arrays,
+                                                                       message):  # fmt: skip
+    import numpy as np
+
+    base = tmp_path / "base.npz"
+    np.savez(base, arr_0=np.zeros(arrays["arr_0"], np.uint8), arr_1=np.array(arrays["arr_1"]))
+    out = tmp_path / "up"
+    argv = ["upsample", "--preset", "tiny_upsampler", "--base", str(base), "--out", str(out),
+            "--steps", "2", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"adm upsample: error: --base {base}: {message}"
+    assert not out.exists()

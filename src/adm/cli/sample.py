@@ -359,6 +359,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
             f"{preset.name} upsamples {small}x{small}x{preset.network.in_channels} images"
         )
     n = len(base["arr_0"])
+    if n == 0:
+        raise UserError(f"--base {args.base}: holds no images (arr_0 is empty)")
     net = preset.network
     labels = base.get("arr_1")
     if net.num_classes is not None:
@@ -366,9 +368,15 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
             raise UserError(
                 f"--base {args.base}: no labels (arr_1) for a class-conditional upsampler"
             )
-        if labels.max() >= net.num_classes:
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
             raise UserError(
-                f"--base {args.base}: label {labels.max()} >= {net.num_classes} classes"
+                f"--base {args.base}: arr_1 must hold one integer label per image ({n}), got "
+                f"{labels.dtype} {tuple(labels.shape)}"
+            )
+        if labels.min() < 0 or labels.max() >= net.num_classes:
+            bad = labels.min() if labels.min() < 0 else labels.max()
+            raise UserError(
+                f"--base {args.base}: label {bad} is out of range (0..{net.num_classes - 1})"
             )
     args.num_samples = n if args.num_samples is None else min(args.num_samples, n)
     job = _job(args, preset, device)
