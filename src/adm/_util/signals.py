@@ -52,6 +52,12 @@ def _handler(signum: int, frame) -> None:
           "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
 
 
+def stop_if_requested(kept: str) -> None:
+    """At a loop boundary: raise `Interrupted` ("stopped by SIGINT <kept>") if a signal came."""
+    if _requested is not None:
+        raise Interrupted(_requested, f"stopped by {name(_requested)} {kept}")
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into a request checked by `requested()` for the block (main

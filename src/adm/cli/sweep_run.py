@@ -303,10 +303,8 @@ def run_sweep(
             sweep_report.write_markdown(out_dir, subject.setup, rows)
             if signals.requested():
                 bar.close()
-                raise signals.Interrupted(
-                    signals.requested(),
-                    f"stopped by {signals.name(signals.requested())} after {len(rows)} cell(s) "
-                    f"in {path}; rerun the same command to add the rest",
+                signals.stop_if_requested(
+                    f"after {len(rows)} cell(s) in {path}; rerun the same command to add the rest"
                 )
         bar.close()
         write_json(path, subject.setup, rows)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adm.evaluation.weights import WeightsError, sha256_file
+from adm._util.digest import sha256_file
+from adm.evaluation.weights import WeightsError
 
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from adm._util.atomic import atomic_path
+from adm._util.digest import sha256_file
 from adm.evaluation.batches import ImageSource, iter_images
-from adm.evaluation.inception import InceptionV3, sha256_file
+from adm.evaluation.inception import InceptionV3
 from adm.evaluation.metrics import GaussianStats, StatsAccumulator
 
 CACHE_FORMAT = "adm-eval-features-v2"

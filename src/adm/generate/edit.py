@@ -211,15 +211,12 @@ def run_editing(run: EditRun, *, resume: bool = False, progress: bool = True) ->
             np.savez(f, images=edited, indices=np.array(indices))
         if bar is not None:
             bar.update(len(indices))
-        if signals.requested():
-            if bar is not None:
-                bar.close()
-            raise signals.Interrupted(
-                signals.requested(),
-                f"stopped by {signals.name(signals.requested())} after batch {k + 1} of "
-                f"{num_batches} (finished batches are kept in {out_dir / 'batches'}); rerun the "
-                "same command with --resume to continue",
-            )
+        if signals.requested() and bar is not None:
+            bar.close()
+        signals.stop_if_requested(
+            f"after batch {k + 1} of {num_batches} (finished batches are kept in "
+            f"{out_dir / 'batches'}); rerun the same command with --resume to continue"
+        )
     if bar is not None:
         bar.close()
     return write_outputs(run, num_batches, time.perf_counter() - start)

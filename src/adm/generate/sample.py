@@ -322,11 +322,9 @@ def run_sampling(run: Run, *, resume: bool = False, progress: bool = True) -> di
         _atomic_savez(_batch_path(out_dir, k), images=to_uint8(images), indices=np.array(indices))
         if signals.requested():
             finished = len(list((out_dir / "batches").glob("batch_*.npz")))
-            raise signals.Interrupted(
-                signals.requested(),
-                f"stopped by {signals.name(signals.requested())} with {finished} of {num_batches} "
-                f"batches finished (kept in {out_dir / 'batches'}); rerun the same command with "
-                "--resume to continue",
+            signals.stop_if_requested(
+                f"with {finished} of {num_batches} batches finished (kept in "
+                f"{out_dir / 'batches'}); rerun the same command with --resume to continue"
             )
         if bar is not None:
             count += len(indices) * info.world_size

@@ -144,7 +144,7 @@ def _stop_if_signalled(tr: Trainer, saved: bool) -> None:
         return
     if not saved:
         tr.save()
-    raise signals.Interrupted(
+    raise signals.Interrupted(  # rank 0's signal, which this rank may not have received
         sig,
         f"stopped by {signals.name(sig)} at step {tr.step}: checkpoint saved in {tr.run_dir}; "
         "rerun the same command to resume",
