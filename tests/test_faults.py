@@ -202,3 +202,94 @@ def test_upsample_bases_without_images_or_with_bad_labels_are_one_line(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"adm upsample: error: --base {base}: {message}"
     assert not out.exists()
+
+
+def _forged_npz(path, shape) -> None:
+    """An npz whose arr_0 header claims `shape` but holds two 16x16x3 images."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("arr_0.npy", header.getvalue() + bytes(2 * 16 * 16 * 3))
+
+
+@pytest.mark.parametrize(
+    "shape, claim",
+    [((10**10, 16, 16, 3), "claims shape [10000000000, 16, 16, 3] of uint8 (7.15e+03 GiB) but "
+      "holds only 1536 bytes: the file is damaged or truncated"),
+     ((4, 16, 16, 3), "claims shape [4, 16, 16, 3] of uint8 (3072 bytes) but holds only 1536 "
+      "bytes: the file is damaged or truncated")],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["train", "upsample", "edit", "inpaint", "eval"])
+def test_an_npz_claiming_more_than_it_holds_is_one_line(tmp_path, capsys, shape, claim, command):
+    """A forged or truncated header (numpy would allocate the claimed terabytes first, then fail
+    with a MemoryError traceback) is refused by every command that reads an npz, before work."""
+    bad = tmp_path / "bad.npz"
+    _forged_npz(bad, shape)
+    out = str(tmp_path / "out")
+    argv = {
+        "train": ["train", "--preset", "tiny_diffusion", "--set", "unet.image_size=16", "--data",
+                  str(bad), "--steps", "1", "--out", out],
+        "upsample": ["upsample", "--preset", "tiny_upsampler", "--base", str(bad), "--out", out],
+        "edit": ["edit", "--checkpoint", "fmnist_diffusion", "--images", str(bad), "--strength",
+                 "0.5", "--out", out],
+        "inpaint": ["inpaint", "--checkpoint", "fmnist_diffusion", "--images", str(bad),
+                    "--masks", str(bad), "--out", out],
+        "eval": ["eval", str(bad), str(bad)],
+    }[command]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if not line.startswith("warning: tiny_upsampler built with")]
+    assert len(err) == 1 and err[0].startswith(f"adm {command}: error: "), err
+    assert f"{bad}: arr_0 {claim}" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+_METADATA = [
+    ("[1, 2]", "expected a JSON object, got list"),
+    ("{nope", "Expecting property name enclosed in double quotes"),
+    ("{}", "unsupported adm config format"),
+    ("DROP:diffusion", "invalid adm config: KeyError('diffusion')"),
+    ("ADD:zzz", "unexpected keyword argument 'zzz'"),
+    ("SET:network=5", "invalid adm config: TypeError"),
+]
+
+
+@pytest.mark.parametrize(
+    "command, text, reason",
+    [("info", *case) for case in _METADATA] + [("sample", *case) for case in _METADATA[:2]],
+)
+def test_malformed_safetensors_metadata_is_one_line(tmp_path, capsys, command, text, reason):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = checkpoint.resolve_checkpoint("fmnist_diffusion")
+    with safe_open(source, "pt") as f:
+        config = json.loads(f.metadata()[checkpoint.METADATA_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    if text.startswith("DROP:"):
+        text = json.dumps({k: v for k, v in config.items() if k != text[5:]})
+    elif text.startswith("ADD:"):
+        text = json.dumps({**config, text[4:]: 1})
+    elif text.startswith("SET:"):
+        key, value = text[4:].split("=")
+        text = json.dumps({**config, key: json.loads(value)})
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad, metadata={"format": "pt", checkpoint.METADATA_KEY: text})
+    argv = {"info": ["info", str(bad)],
+            "sample": ["sample", "--checkpoint", str(bad), "--num-samples", "1", "--steps", "2",
+                       "--out", str(tmp_path / "out")]}[command]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"adm {command}: error: {bad}: unreadable adm config in the metadata")
+    assert reason in err[0], err
+    assert not (tmp_path / "out").exists()

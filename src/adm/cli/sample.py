@@ -394,13 +394,14 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
 def _read_images(path: str, flag: str) -> dict[str, np.ndarray]:
     import numpy as np
 
+    from adm._util.npz import NpzError, load_npz
+
     if not Path(path).is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
-        with np.load(path) as data:
-            arrays = {k: data[k] for k in data.files if k in ("arr_0", "arr_1")}
-    except (OSError, ValueError) as err:
-        raise UserError(f"{flag} {path}: not a readable .npz ({err})") from None
+        arrays = load_npz(path, ("arr_0", "arr_1"))
+    except NpzError as err:
+        raise UserError(f"{flag} {err}") from None
     images = arrays.get("arr_0")
     if images is None or images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"{flag} {path}: expected arr_0 uint8 images [N, H, W, C]")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from adm._util.npz import NpzError, load_npz, npz_headers
 from adm.data.images import to_8bit
 
 
@@ -224,13 +225,16 @@ def open_source(
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
     if path.suffix == ".npz":
-        with np.load(path) as npz:
-            if "arr_0" not in npz:
-                raise DataError(f"{path}: expected images in arr_0 (found {sorted(npz.files)})")
-            labels = npz["arr_1"] if labelled and "arr_1" in npz else None
-            if labelled and labels is None:
+        try:
+            headers = npz_headers(path)
+            if "arr_0" not in headers:
+                raise DataError(f"{path}: expected images in arr_0 (found {sorted(headers)})")
+            if labelled and "arr_1" not in headers:
                 raise DataError(f"{path}: class-conditional training needs labels in arr_1")
-            return ArrayImages(npz["arr_0"], labels, path.name)
+            npz = load_npz(path, ("arr_0", "arr_1") if labelled else ("arr_0",))
+        except NpzError as err:
+            raise DataError(str(err)) from None
+        return ArrayImages(npz["arr_0"], npz.get("arr_1"), path.name)
     if "idx3-ubyte" in path.name or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*"))):
         images, labels_path = _idx_pair(path, split)
         if labelled and labels_path is None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adm._util.npz import NpzError, npz_headers, read_npy_header
+
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 STATS_DIMS = {"mu": 2048, "sigma": 2048, "mu_s": 2023, "sigma_s": 2023}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -52,33 +54,17 @@ class ImageSource:
         return self.layout != "[N, H, W, 3]"
 
 
-def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version in ((2, 0), (3, 0)):
-        return np.lib.format.read_array_header_2_0(f)
-    raise BatchError(f"unsupported .npy format version {version}")
-
-
 def open_npz_batch(path: str | os.PathLike) -> ImageSource:
     """Check that `path` is an npz with `arr_0` uint8 [N, H, W, 3], or grey [N, H, W, 1] or
     [N, H, W], N >= 1 (headers only)."""
     path = Path(path)
-    if not path.is_file():
-        raise BatchError(f"{path}: no such file")
     try:
-        with zipfile.ZipFile(path) as zf:
-            if "arr_0.npy" not in zf.namelist():
-                raise BatchError(f"{path}: no array 'arr_0' (keys: {_keys(zf)})")
-            with zf.open("arr_0.npy") as f:
-                shape, _, dtype = _npy_header(f)
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise BatchError(f"{path}: not a readable .npz file ({err})") from err
-    except ValueError as err:
-        if isinstance(err, BatchError):
-            raise
-        raise BatchError(f"{path}: arr_0 has a broken .npy header ({err})") from err
+        headers = npz_headers(path)
+    except NpzError as err:
+        raise BatchError(str(err)) from None
+    if "arr_0" not in headers:
+        raise BatchError(f"{path}: no array 'arr_0' (keys: {list(headers)})")
+    shape, _, dtype = headers["arr_0"]
     layouts = {4: "[N, H, W, 3]" if shape[-1:] == (3,) else "[N, H, W, 1]", 3: "[N, H, W]"}
     if dtype != np.uint8 or len(shape) not in layouts or shape[3:] not in ((), (1,), (3,)):
         raise BatchError(
@@ -95,14 +81,10 @@ def open_npz_batch(path: str | os.PathLike) -> ImageSource:
     return ImageSource(path, shape[0], shape[1], shape[2], layout=layouts[len(shape)])
 
 
-def _keys(zf: zipfile.ZipFile) -> list[str]:
-    return [n.removesuffix(".npy") for n in zf.namelist()]
-
-
 def iter_npz_images(path: str | os.PathLike, chunk: int = 64) -> Iterator[np.ndarray]:
     """Yield `arr_0` as stored, in chunks of [<=chunk, H, W(, C)], without loading it whole."""
     with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-        shape, fortran, dtype = _npy_header(f)
+        shape, fortran, dtype = read_npy_header(f)
         if fortran:  # rare; the reference also falls back to a full load
             images = np.load(path)["arr_0"]
             yield from (images[s : s + chunk] for s in range(0, len(images), chunk))

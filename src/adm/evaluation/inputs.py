@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adm._util.npz import NpzError, load_npz
 from adm.evaluation.batches import BatchError, ImageSource, open_source
 
 # the report's order: the original's first
@@ -80,9 +81,12 @@ def read_stats(path: Path, keys: list[str]) -> dict[str, tuple[np.ndarray, np.nd
         if len(present) == 1:
             missing = sigma_key if present[0] == mu_key else mu_key
             raise BatchError(f"{path}: has {present[0]} but not {missing}")
-        with np.load(path) as data:
-            mu = np.asarray(data[mu_key], dtype=np.float64)
-            sigma = np.asarray(data[sigma_key], dtype=np.float64)
+        try:
+            data = load_npz(path, (mu_key, sigma_key))
+        except NpzError as err:
+            raise BatchError(str(err)) from None
+        mu = np.asarray(data[mu_key], dtype=np.float64)
+        sigma = np.asarray(data[sigma_key], dtype=np.float64)
         for key, v, want in ((mu_key, mu, (dim,)), (sigma_key, sigma, (dim, dim))):
             if v.shape != want:
                 raise BatchError(f"{path}: {key} has shape {list(v.shape)}, expected {list(want)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from adm._util.npz import NpzError, load_npz
 from adm.data.images import SIXTEEN_BIT, to_8bit
 from adm.generate.sample import save_grid
 
@@ -107,21 +108,13 @@ def _read(path: Path, flag: str, *, grey: bool) -> tuple[np.ndarray, np.ndarray 
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file or folder")
     try:
-        data = np.load(path)
-    except (OSError, EOFError, ValueError):
-        raise ValueError(f"{flag} {path}: not a readable .npz") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{flag} {path}: expected an .npz (arr_0) or a folder of images")
-    try:
-        with data:
-            if "arr_0" not in data.files:
-                raise ValueError(f"{flag} {path}: no arr_0 in the .npz")
-            labels = data["arr_1"].astype(np.int64) if "arr_1" in data.files else None
-            return data["arr_0"], labels
-    except (OSError, EOFError, ValueError) as err:
-        if str(err).startswith(flag):
-            raise
-        raise ValueError(f"{flag} {path}: not a readable .npz") from None
+        data = load_npz(path, ("arr_0", "arr_1"))
+    except NpzError as err:
+        raise ValueError(f"{flag} {err}") from None
+    if "arr_0" not in data:
+        raise ValueError(f"{flag} {path}: no arr_0 in the .npz")
+    labels = data["arr_1"].astype(np.int64) if "arr_1" in data else None
+    return data["arr_0"], labels
 
 
 def _read_folder(folder: Path, flag: str, *, grey: bool) -> np.ndarray:

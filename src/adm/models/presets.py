@@ -500,6 +500,8 @@ def preset_to_dict(preset: Preset) -> dict[str, Any]:
 
 def preset_from_dict(data: dict[str, Any]) -> Preset:
     """Inverse of `preset_to_dict`; raises ValueError for missing, unknown or invalid fields."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     data = dict(data)
     if data.pop("format", None) != PRESET_FORMAT:
         raise ValueError(f"unsupported adm config format (expected format {PRESET_FORMAT})")
