@@ -13,6 +13,7 @@ import torch
 
 from adm._util.errors import os_error_text
 from adm.cli.main import main
+from adm.models import checkpoint, presets
 from adm.models.checkpoint import BUNDLED_DIR, load_state_dict, read_preset
 from adm.models.presets import RELEASED, build_model, get_preset
 from loopback_http import Served, serve
@@ -190,3 +191,36 @@ def test_console_script_entry_point() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "42,568,040" in result.stdout
+
+
+@pytest.mark.parametrize(("name", "classes"), [("tiny_diffusion", 4), ("tiny_classifier", 3)])
+def test_a_fit_classes_model_saved_as_pt_loads_and_info_names_the_change(
+    capsys, tmp_path: Path, name: str, classes: int
+) -> None:
+    """Training with --fit-classes resizes the label rows or the logits; a `.pt` of such a model
+    (no metadata) is recognised from its shapes as the preset with that label count."""
+    fitted = presets.with_outputs(presets.get_preset(name), classes)
+    pt = checkpoint.save_model(presets.build_model(fitted), fitted, tmp_path / "fitted.pt")
+    _, found = checkpoint.load_model(pt)
+    assert found.network == fitted.network and presets.num_outputs(found) == classes
+    assert main(["info", str(pt)]) == 0
+    field = "out_channels 1000" if name == "tiny_classifier" else "num_classes 1000"
+    assert f"(modified from {name}: {field} -> {classes})" in capsys.readouterr().out
+
+
+def test_info_warns_when_the_weights_contradict_the_metadata(capsys, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(checkpoint.resolve_checkpoint("fmnist_diffusion"), "pt") as f:
+        metadata = f.metadata()
+    tiny = presets.build_model(presets.get_preset("tiny_diffusion")).state_dict()
+    save_file({k: v.contiguous() for k, v in tiny.items()}, tmp_path / "m.safetensors",
+              metadata=metadata)  # fmt: skip
+    assert main(["info", str(tmp_path / "m.safetensors")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"warning: {tmp_path / 'm.safetensors'}: the "
+        "weights do not fit the config in its metadata ("
+    )
+    assert err[0].endswith("no adm command will load this file")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adm.cli import main as cli
 from adm.diffusion.resample import LossSecondMomentSampler, UniformSampler, create_sampler
 from adm.models import checkpoint
 from adm.models.overrides import apply_overrides
@@ -228,7 +229,17 @@ def test_label_dropout_uses_the_last_label_as_null(images: Path, tmp_path: Path)
         preset, trainlib.DataSpec(str(images), fit_classes=True), tmp_path, cfg
     )
     assert setup.preset.network.num_classes == 4 and setup.null_label == 3
-    setup = trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path, cfg)  # 1000 rows
+    assert setup.preset.sampling.null_label == 3  # saved with the weights, for sampling
+    trainlib.train(setup)
+    # Sampled without --cfg-scale, the null label is not drawn as a class, nor accepted as one.
+    ckpt, out = str(tmp_path / "model_000001.safetensors"), tmp_path / "samples"
+    argv = ["sample", "--checkpoint", ckpt, "--num-samples", "24", "--steps", "1", "--out",
+            str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    labels = np.load(next(out.glob("samples_*.npz")))["arr_1"]
+    assert set(labels.tolist()) == {0, 1, 2}
+    assert cli.main([*argv[:-3], str(tmp_path / "s3"), "--classes", "3"]) == 2
+    setup = trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path / "b", cfg)
     assert setup.null_label == 999
     with pytest.raises(ValueError, match="needs a class-conditional model"):
         trainlib.prepare(
@@ -404,3 +415,34 @@ def test_extending_a_constant_lr_run_keeps_it_or_starts_the_anneal(
     assert seen == [(0, 1e-3), (1, 1e-3), (2, 1e-3), (3, 1e-3)] + [
         (s, 1e-3 * (1 - s / 8)) for s in range(4, 8)
     ]
+
+
+def test_a_non_finite_weight_stops_before_any_checkpoint_holds_it(images: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:  # fmt: skip
+    """A finite loss and gradient whose update still overflows a weight (here forced at step 2)
+    stops the run at that step, naming the tensor and the last good checkpoint; no file written
+    holds a NaN or inf."""
+    real_step = torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        if overflowing.calls == 2:
+            self.param_groups[0]["params"][3].data[0] = float("inf")
+        overflowing.calls += 1
+        return out
+
+    overflowing.calls = 0
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    cfg = trainlib.TrainConfig(steps=4, batch_size=2, save_interval=1, progress=False)
+    preset = small_preset("tiny_diffusion", "diffusion.steps=100", "unet.num_classes=none")
+    setup = trainlib.prepare(preset, trainlib.DataSpec(str(images)), tmp_path, cfg)
+    name = [n for n, _ in build_model(setup.preset).named_parameters()][3]
+    with pytest.raises(trainlib.TrainingError) as err:
+        trainlib.train(setup)
+    assert str(err.value).startswith(
+        f"step 2: the optimizer step made weight {name} non-finite (NaN or inf)"
+    )
+    assert "Latest checkpoint: step 2." in str(err.value)
+    assert train_state.checkpoint_steps(tmp_path) == [1, 2]
+    for path in tmp_path.glob("*.safetensors"):
+        assert all(t.isfinite().all() for t in checkpoint.load_state_dict(path).values()), path

@@ -100,28 +100,65 @@ def _weights(run_dir: Path, step: int = STEPS) -> dict[str, dict[str, torch.Tens
     return {n: checkpoint.load_state_dict(run_dir / f"{n}_{step:06d}.safetensors") for n in names}
 
 
-def test_sigkill_mid_run_then_rerun_is_bitwise_equal(images: Path, background, tmp_path):
-    cmd = _adm(*DROPOUT, "--data", str(images), "--out", str(tmp_path))
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# Runs `adm` with os.replace stalled (after halving the temporary file) when it would put the
+# file named ADM_TEST_STALL_AT in place: a SIGKILL then lands in the middle of that write.
+_STALLING = r"""
+import os, sys, time
+from pathlib import Path
+target, ready, real = os.environ["ADM_TEST_STALL_AT"], os.environ["ADM_TEST_READY"], os.replace
+def replace(src, dst, *args, **kwargs):
+    if Path(dst).name == target:
+        os.truncate(src, os.path.getsize(src) // 2)
+        Path(ready).touch()
+        time.sleep(600)
+    return real(src, dst, *args, **kwargs)
+os.replace = replace
+from adm.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _kill(argv: list[str], run: Path, stall_at: str | None, then: Path) -> None:
+    """Start `adm ARGV`, SIGKILL it once `then` exists (with `stall_at`: mid-write of that file)."""
+    env = {**ENV, "ADM_TEST_STALL_AT": stall_at or "-", "ADM_TEST_READY": str(then)}
+    cmd = [sys.executable, "-c", _STALLING, *argv]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (tmp_path / "state_000002.pt").exists() and time.monotonic() < deadline:
+    while not then.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    done = train_state.checkpoint_steps(tmp_path)
-    assert 2 in done and STEPS not in done, done  # killed mid-run, not after the end
-    subprocess.run(cmd, env=ENV, check=True, timeout=300, capture_output=True)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before the kill"
+
+
+def test_sigkill_at_several_moments_then_rerun_is_bitwise_equal(images, background, tmp_path):
+    """Killed in the middle of writing the first model file, in the middle of writing the state
+    file that completes the second checkpoint (its model and EMA files already in place), and
+    just after a checkpoint: each rerun continues from the newest complete checkpoint, and the
+    run ends bitwise equal to an uninterrupted one (dropout 0.1, annealed LR), with each log step
+    once and no temporary file left."""
+    run = tmp_path / "run"
+    argv = [*_adm(*DROPOUT, "--data", str(images), "--out", str(run))[3:]]
+    _kill(argv, run, "model_000002.safetensors", tmp_path / "ready1")
+    assert train_state.checkpoint_steps(run) == [] and list(run.glob(".model_000002*.tmp"))
+    _kill(argv, run, "state_000004.pt", tmp_path / "ready2")
+    assert train_state.checkpoint_steps(run) == [2] and (run / "model_000004.safetensors").exists()
+    _kill(argv, run, None, run / "state_000004.pt")
+    done = train_state.checkpoint_steps(run)
+    assert 4 in done and STEPS not in done, done
+    subprocess.run(_adm(*DROPOUT, "--data", str(images), "--out", str(run)), env=ENV, check=True,
+                   timeout=300, capture_output=True)  # fmt: skip
+    assert not list(run.glob(".*.tmp"))
     reference = background.wait("dropout")
-    ours, theirs = _weights(tmp_path), _weights(reference)
+    ours, theirs = _weights(run), _weights(reference)
     for name in ours:
         for key in theirs[name]:
             assert torch.equal(ours[name][key], theirs[name][key]), (name, key)
-    a, b = train_state.load_state(tmp_path, STEPS), train_state.load_state(reference, STEPS)
+    a, b = train_state.load_state(run, STEPS), train_state.load_state(reference, STEPS)
     for key, value in b["optimizer"]["state"].items():
         assert torch.equal(a["optimizer"]["state"][key]["exp_avg_sq"], value["exp_avg_sq"])
     assert torch.equal(a["sampler"]["loss_history"], b["sampler"]["loss_history"])
     # The log holds each step once, with the same losses.
-    ours_log = (tmp_path / "log.csv").read_text().splitlines()
+    ours_log = (run / "log.csv").read_text().splitlines()
     ref_log = (reference / "log.csv").read_text().splitlines()
     assert [r.split(",")[:5] for r in ours_log] == [r.split(",")[:5] for r in ref_log]
 

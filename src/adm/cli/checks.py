@@ -51,3 +51,32 @@ def finite(args: argparse.Namespace, *dests: str) -> None:
         value = getattr(args, dest, None)
         if value is not None and not math.isfinite(value):
             raise UserError(f"{flag(dest)} must be a finite number, got {value}")
+
+
+def cfg_null_label(
+    flag_value: int | None, model_null: int | None, model_classes: int | None
+) -> int:
+    """The label classifier-free guidance feeds as "no label": `--cfg-null-label`, else the one
+    the model was trained with (its `sampling.null_label`), else the last label index."""
+    if model_classes is None:
+        raise UserError("--cfg-scale needs a class-conditional model (trained with label dropout)")
+    null = flag_value if flag_value is not None else model_null
+    null = model_classes - 1 if null is None else null
+    if not 0 <= null < model_classes:
+        raise UserError(f"--cfg-null-label {null} is out of range (0..{model_classes - 1})")
+    return null
+
+
+def sampled_classes(
+    num_classes: int | None,
+    model_classes: int | None,
+    null_label: int | None,
+    model_null: int | None,
+) -> int | None:
+    """How many classes to draw from: a null label in the last row (training's convention), used
+    by `--cfg-scale` or recorded by label-dropout training, is not a class to sample."""
+    if num_classes is None or model_classes is None or num_classes != model_classes:
+        return num_classes
+    if null_label is not None or model_null == model_classes - 1:
+        return model_classes - 1
+    return num_classes

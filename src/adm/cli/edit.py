@@ -137,7 +137,7 @@ def _cmd(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     classifier, scale = _classifier(args, preset, device)
-    null_label, num_classes = _null_label(args, net.num_classes)
+    null_label, num_classes = _null_label(args, preset)
     if classifier is not None:
         n_clf = classifier.config.out_channels
         num_classes = n_clf if num_classes is None else min(num_classes, n_clf)
@@ -216,15 +216,12 @@ def _classifier(args: argparse.Namespace, preset, device):
     return classifier.eval(), preset.sampling.classifier_scale if scale is None else scale
 
 
-def _null_label(args: argparse.Namespace, model_classes: int | None):
-    if args.cfg_scale is None:
-        return None, model_classes
-    if model_classes is None:
-        raise UserError("--cfg-scale needs a class-conditional model (trained with label dropout)")
-    null = model_classes - 1 if args.cfg_null_label is None else args.cfg_null_label
-    if not 0 <= null < model_classes:
-        raise UserError(f"--cfg-null-label {null} is out of range (0..{model_classes - 1})")
-    return null, model_classes - 1
+def _null_label(args: argparse.Namespace, preset):
+    model_classes, model_null = preset.network.num_classes, preset.sampling.null_label
+    null = None
+    if args.cfg_scale is not None:
+        null = checks.cfg_null_label(args.cfg_null_label, model_null, model_classes)
+    return null, checks.sampled_classes(model_classes, model_classes, null, model_null)
 
 
 def _labels(args, stored, n: int, num_classes: int | None, conditional: bool):

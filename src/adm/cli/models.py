@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     bundled = None if path.is_file() else checkpoint.bundled_path(args.target)
     path = bundled or path
     file_info: dict[str, object] = {}
+    mismatch: list[str] = []
     try:
         if path.is_file():
             state_dict = checkpoint.load_state_dict(path)
@@ -126,6 +128,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 twins = [p.name for p in checkpoint.matching_presets(state_dict)]
                 if len(twins) > 1:
                     source += f" (same architecture: {', '.join(twins)})"
+            mismatch = checkpoint.fit_differences(state_dict, preset)
+            changed = _changes_from_named(preset)
+            if changed:
+                source += f" (modified from {preset.name}: {'; '.join(changed)})"
             dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state_dict.values())
             mixed = len(dtypes) > 1
             file_info = {
@@ -147,10 +153,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
             params = preset.num_parameters
     except ValueError as err:
         raise UserError(str(err)) from None
+    if mismatch:  # adm metadata that the weights contradict: no command will load this file
+        print(
+            f"warning: {path}: the weights do not fit the config in its metadata "
+            f"({'; '.join(mismatch[:3])}{'; ...' if len(mismatch) > 3 else ''}); no adm command "
+            "will load this file",
+            file=sys.stderr,
+        )
     if args.json:
         info = {**file_info, "num_parameters": params, "preset": presets.preset_to_dict(preset)}
         print(json.dumps(info, indent=2))
-        return 0
+        return 1 if mismatch else 0
     lines = [
         ("preset", f"{preset.name}" + (f" ({preset.description})" if preset.description else "")),
         ("kind", f"{preset.kind}, {_resolution(preset)}"),
@@ -168,7 +181,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"\n[{section}: {type(config).__name__}]")
         for f in dataclasses.fields(config):
             print(f"  {f.name:<24} {getattr(config, f.name)!r}")
-    return 0
+    return 1 if mismatch else 0
+
+
+def _changes_from_named(preset) -> list[str]:
+    """The network fields in which `preset` differs from the named preset it derives from
+    (`--set`, `--fit-classes`), as "field base -> value"; [] for an unknown name."""
+    from adm.models import presets
+
+    base = presets.PRESETS.get(preset.name)
+    if base is None or type(base.network) is not type(preset.network):
+        return []
+    return [
+        f"{f.name} {getattr(base.network, f.name)!r} -> {getattr(preset.network, f.name)!r}"
+        for f in dataclasses.fields(preset.network)
+        if getattr(base.network, f.name) != getattr(preset.network, f.name)
+    ]
 
 
 def _unreleased(preset) -> str:

@@ -272,19 +272,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if classifier is not None:
         n_clf = classifier.config.out_channels
         num_classes = n_clf if num_classes is None else min(num_classes, n_clf)
-    null_label = None
+    null_label, model_null = None, preset.sampling.null_label
     if args.cfg_scale is not None:
-        if net.num_classes is None:
-            raise UserError(
-                "--cfg-scale needs a class-conditional model (trained with label dropout)"
-            )
-        null_label = net.num_classes - 1 if args.cfg_null_label is None else args.cfg_null_label
-        if not 0 <= null_label < net.num_classes:
-            raise UserError(
-                f"--cfg-null-label {null_label} is out of range (0..{net.num_classes - 1})"
-            )
-        if num_classes == net.num_classes:
-            num_classes = net.num_classes - 1  # the null label is not a class to sample
+        null_label = checks.cfg_null_label(args.cfg_null_label, model_null, net.num_classes)
+    num_classes = checks.sampled_classes(num_classes, net.num_classes, null_label, model_null)
     if classes and num_classes is None:
         raise UserError(
             f"--classes: {preset.name} is unconditional and there is no --classifier to steer it "

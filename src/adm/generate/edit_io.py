@@ -11,6 +11,7 @@ One mask applies to every image, or there is one per image.
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,10 @@ def _read(path: Path, flag: str, *, grey: bool) -> tuple[np.ndarray, np.ndarray 
         return _read_folder(path, flag, grey=grey), None
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file or folder")
+    if not zipfile.is_zipfile(path):  # a damaged .npz, or e.g. a single .npy or an image file
+        if path.suffix.lower() == ".npz":
+            raise ValueError(f"{flag} {path}: not a readable .npz")
+        raise ValueError(f"{flag} {path}: expected an .npz (arr_0) or a folder of images")
     try:
         data = load_npz(path, ("arr_0", "arr_1"))
     except NpzError as err:

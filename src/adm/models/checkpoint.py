@@ -25,9 +25,11 @@ from adm.models.presets import (
     Preset,
     build_model,
     get_preset,
+    num_outputs,
     preset_from_dict,
     preset_json,
     state_dict_shapes,
+    with_outputs,
 )
 
 __all__ = [
@@ -257,6 +259,30 @@ def _stem_shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _refitted_presets(state_dict: Mapping[str, Tensor]) -> list[Preset]:
+    """Presets that fit once their label count is set to the file's, as training with
+    `--fit-classes` does (a plain `.pt` has no metadata to say so): the rows of `label_emb` for a
+    UNet, the length of the last tensor (the logits' bias) for a classifier."""
+    shapes = _shapes(state_dict)
+    if not shapes:
+        return []
+    last = shapes[next(reversed(shapes))]
+    found = []
+    for preset in PRESETS.values():
+        if not _stem_shapes(preset).items() <= shapes.items():
+            continue
+        if preset.kind == "classifier":
+            n = last[0] if len(last) == 1 else None
+        else:
+            n = shapes.get("label_emb.weight", (None,))[0]
+        if n is None or n < 1 or n == num_outputs(preset):
+            continue
+        fitted = with_outputs(preset, n)
+        if state_dict_shapes(fitted.network, fitted.kind) == shapes:
+            found.append(fitted)
+    return found
+
+
 def detect_preset(state_dict: Mapping[str, Tensor], *, hint: str | None = None) -> Preset:
     """The preset a state dict belongs to, from its key names and shapes alone.
 
@@ -264,7 +290,7 @@ def detect_preset(state_dict: Mapping[str, Tensor], *, hint: str | None = None) 
     else the first in `PRESETS` order is returned. No fit raises `ValueError` naming the closest
     preset and its first differences.
     """
-    found = matching_presets(state_dict)
+    found = matching_presets(state_dict) or _refitted_presets(state_dict)
     if found:
         return next((p for p in found if p.name == hint), found[0])
     shapes = _shapes(state_dict)

@@ -74,12 +74,17 @@ class SamplingSettings:
     eta: float = 0.0
     clip_denoised: bool = True
     precision: Precision = "fp32"
+    # A model trained with label dropout (classifier-free guidance) reads this label as "no
+    # label": it is not a class to sample, and the default null label of --cfg-scale.
+    null_label: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("sampling.sampler", self.sampler, Sampler)
         _check_choice("sampling.precision", self.precision, Precision)
         if self.batch_size < 1 or self.num_samples < 1:
             raise ValueError("sampling.batch_size and sampling.num_samples must be positive")
+        if self.null_label is not None and self.null_label < 0:
+            raise ValueError(f"sampling.null_label must be >= 0, got {self.null_label}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,12 @@ class Preset:
             raise ValueError(
                 f"small_size {self.small_size} must lie between 0 and image_size "
                 f"{self.network.image_size}"
+            )
+        null, classes = self.sampling.null_label, getattr(self.network, "num_classes", None)
+        if null is not None and (self.kind == "classifier" or null >= (classes or 0)):
+            raise ValueError(
+                f"sampling.null_label {null} needs a class-conditional model with more than "
+                f"{null} classes"
             )
         if self.kind != "classifier":
             expected = self.network.in_channels * (2 if self.diffusion.learn_sigma else 1)
@@ -177,6 +188,20 @@ def state_dict_shapes(
     """Original key -> shape of the network's state dict, in order (built on the meta device)."""
     model = _build(config, kind, "meta")
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def num_outputs(preset: Preset) -> int | None:
+    """The number of labels a network knows: a classifier's logits, a conditional UNet's label
+    embedding rows (None: unconditional)."""
+    net = preset.network
+    return net.out_channels if preset.kind == "classifier" else net.num_classes
+
+
+def with_outputs(preset: Preset, n: int) -> Preset:
+    """`preset` with its label count set to `n` (what training's `--fit-classes` does)."""
+    field_name = "out_channels" if preset.kind == "classifier" else "num_classes"
+    network = dataclasses.replace(preset.network, **{field_name: n})
+    return dataclasses.replace(preset, network=network)
 
 
 def num_parameters(config: NetworkConfig, kind: Kind = "diffusion") -> int:

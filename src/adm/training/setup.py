@@ -21,7 +21,7 @@ import numpy as np
 from adm.data import datasets as datalib
 from adm.diffusion.resample import SamplerName
 from adm.diffusion.schedule import space_timesteps
-from adm.models.presets import Preset, preset_to_dict
+from adm.models.presets import Preset, num_outputs, preset_to_dict, with_outputs
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -184,17 +184,6 @@ def data_fingerprint(source: datalib.Source) -> str:
     return digest.hexdigest()[:16]
 
 
-def _num_outputs(preset: Preset) -> int | None:
-    net = preset.network
-    return net.out_channels if preset.kind == "classifier" else net.num_classes
-
-
-def _with_outputs(preset: Preset, n: int) -> Preset:
-    field_name = "out_channels" if preset.kind == "classifier" else "num_classes"
-    network = dataclasses.replace(preset.network, **{field_name: n})
-    return dataclasses.replace(preset, network=network)
-
-
 def _remap(source: datalib.Source, names: tuple[str, ...], origin: str) -> None:
     """Re-index the source's labels by a class list fixed elsewhere (a fine-tuned checkpoint)."""
     index = {n: i for i, n in enumerate(names)}
@@ -239,12 +228,12 @@ def prepare(
     if not wants_cond:
         return setup
     needed = len(source.class_names) + (1 if config.label_dropout else 0)
-    if data.fit_classes and _num_outputs(preset) != needed:
+    if data.fit_classes and num_outputs(preset) != needed:
         if init_from:
             raise ValueError("--fit-classes cannot resize a network loaded from a checkpoint")
-        setup.preset = preset = _with_outputs(preset, needed)
+        setup.preset = preset = with_outputs(preset, needed)
         setup.notes.append(f"network resized to {needed} classes to fit the data")
-    outputs = _num_outputs(preset)
+    outputs = num_outputs(preset)
     if outputs is None or needed > outputs:
         raise datalib.DataError(
             f"the data has {len(source.class_names)} classes"
@@ -255,6 +244,9 @@ def prepare(
     setup.class_names = source.class_names
     # Classifier-free guidance: the network's LAST label row is the null label.
     setup.null_label = outputs - 1 if config.label_dropout else None
+    if setup.null_label is not None:  # saved with the weights: sampling then knows it
+        sampling = dataclasses.replace(preset.sampling, null_label=setup.null_label)
+        setup.preset = dataclasses.replace(preset, sampling=sampling)
     return setup
 
 

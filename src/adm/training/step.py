@@ -370,11 +370,30 @@ class Trainer:
             else:
                 self.opt.step()
                 took = True
+            self._check_weights()
             self.sampler.update(stats[:, 0].long(), stats[:, 2])
             if took:
                 self.ema.update(self.model.parameters())
             self._record(stats, norm, lr)
         self.step += 1
+
+    def _check_weights(self) -> None:
+        """Stop before a non-finite weight reaches the EMA or a checkpoint. The largest |w| of each
+        tensor (no overflow, unlike a 2-norm) is NaN or inf only if a weight is: one fused pass
+        and one sync a step, beside the loss check's."""
+        params = list(self.model.parameters())
+        worst = torch._foreach_norm(params, float("inf"))
+        if bool(torch.isfinite(torch.stack(worst)).all()):
+            return
+        name = next(n for (n, _), w in zip(self.model.named_parameters(), worst, strict=True)
+                    if not bool(torch.isfinite(w)))  # fmt: skip
+        last = ts.latest_step(self.run_dir)
+        raise TrainingError(
+            f"step {self.step}: the optimizer step made weight {name} non-finite (NaN or inf) "
+            "with a finite loss and gradient; stopped before it reached the EMA or a checkpoint. "
+            f"Latest checkpoint: {'none' if last is None else f'step {last}'}. Try a lower --lr "
+            "or --weight-decay, or --grad-clip"
+        )
 
     def _skip(self, what: str) -> None:
         self.opt.zero_grad(set_to_none=True)
