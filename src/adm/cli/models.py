@@ -132,6 +132,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             changed = _changes_from_named(preset)
             if changed:
                 source += f" (modified from {preset.name}: {'; '.join(changed)})"
+            elif preset.name not in presets.PRESETS:
+                source += " (a config of its own, not one of adm's presets)"
             dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state_dict.values())
             mixed = len(dtypes) > 1
             file_info = {

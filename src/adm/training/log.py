@@ -132,7 +132,8 @@ def plot_curves(log: CSVLog, path: Path, keys: Sequence[str]) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
 
