@@ -293,3 +293,24 @@ def test_malformed_safetensors_metadata_is_one_line(tmp_path, capsys, command, t
     assert err[0].startswith(f"adm {command}: error: {bad}: unreadable adm config in the metadata")
     assert reason in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_signal_exits_at_once_with_its_status():
+    """The first SIGTERM only asks the loop to stop at its next boundary; a second one exits at
+    once (every write is atomic, so nothing is left half-written), with status 143."""
+    code = (
+        "import os, signal, time\n"
+        "from adm._util import signals\n"
+        "with signals.stop_on_signals():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    assert signals.requested() == signal.SIGTERM\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143 and "not reached" not in done.stdout
+    assert [line for line in done.stderr.splitlines() if line] == [
+        "adm: SIGTERM received: stopping at the next step boundary (send it again to stop at once)",
+        "adm: second SIGTERM: stopping at once",
+    ]
