@@ -127,6 +127,7 @@ def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) 
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help=checks.COMPILE_HELP)
 
 
 def _load(args: argparse.Namespace, device: torch.device):
@@ -319,7 +320,13 @@ def digests(**files: str | None) -> dict[str, str]:
 
 
 def _run(run, args: argparse.Namespace) -> int:
+    from adm._util.runtime import compile_model
     from adm.generate.sample import NonFiniteError, run_sampling
+
+    if args.compile:
+        model = compile_model(run.model, label="model")
+        classifier = run.classifier and compile_model(run.classifier, label="classifier")
+        run = dataclasses.replace(run, model=model, classifier=classifier)
 
     try:
         paths = run_sampling(run, resume=args.resume, progress=not args.no_progress)
