@@ -67,6 +67,7 @@ def prepare_model(
     compile: bool = False,
     compile_mode: str | None = None,
     trainable: bool = False,
+    label: str = "model",
 ) -> nn.Module:
     """Move `model` to `device` for fast inference (or training when `trainable`).
 
@@ -85,7 +86,7 @@ def prepare_model(
     if not trainable:
         model.eval().requires_grad_(False)
     if compile:
-        model = compile_model(model, mode=compile_mode)
+        model = compile_model(model, label=label, mode=compile_mode)
     return model
 
 

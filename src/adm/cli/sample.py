@@ -36,6 +36,9 @@ SAMPLE_EXAMPLES = """examples:
 """
 
 
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample",
@@ -128,6 +131,9 @@ def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) 
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compile", action="store_true", help=checks.COMPILE_HELP)
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
+                   help="the networks' memory format: auto = channels_last (docs/speed.md); "
+                   "samples agree to float32 roundoff")  # fmt: skip
 
 
 def _load(args: argparse.Namespace, device: torch.device):
@@ -320,13 +326,17 @@ def digests(**files: str | None) -> dict[str, str]:
 
 
 def _run(run, args: argparse.Namespace) -> int:
-    from adm._util.runtime import compile_model
+    from adm._util.runtime import prepare_model
     from adm.generate.sample import NonFiniteError, run_sampling
 
-    if args.compile:
-        model = compile_model(run.model, label="model")
-        classifier = run.classifier and compile_model(run.classifier, label="classifier")
-        run = dataclasses.replace(run, model=model, classifier=classifier)
+    device = next(run.model.parameters()).device
+    fmt = {"auto": None, "channels_last": True, "contiguous": False}[args.memory_format]
+    prepared = {
+        name: net
+        and prepare_model(net, device=device, channels_last=fmt, compile=args.compile, label=name)
+        for name, net in (("model", run.model), ("classifier", run.classifier))
+    }
+    run = dataclasses.replace(run, **prepared)
 
     try:
         paths = run_sampling(run, resume=args.resume, progress=not args.no_progress)

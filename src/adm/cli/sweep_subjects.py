@@ -81,8 +81,7 @@ def bundled_subject(
     folder = fashion_mnist.find(data_dir)
     models, _ = demo.load_models(weights_dir, device)
     net, classifier = models["fmnist_diffusion"], models["fmnist_classifier"]
-    if compile:
-        net, classifier = _compiled(net, classifier)
+    net, classifier = _prepared(net, classifier, compile)
     judge = Judge(models["fmnist_judge"])
     test_images, test_labels = fashion_mnist.load(folder, "t10k")
     ref = judge_reference(judge, test_images, test_labels, setup["reference_size"], seed=0)
@@ -122,13 +121,17 @@ class LoadedModels:
     diffusion: Diffusion
 
 
-def _compiled(
-    model: torch.nn.Module, classifier: torch.nn.Module | None
+def _prepared(
+    model: torch.nn.Module, classifier: torch.nn.Module | None, compile: bool
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    from adm._util.runtime import compile_model
+    """Both networks in the inference layout of `prepare_model` (and compiled if asked)."""
+    from adm._util.runtime import prepare_model
 
-    model = compile_model(model, label="model")
-    return model, classifier and compile_model(classifier, label="classifier")
+    device = next(model.parameters()).device
+    model = prepare_model(model, device=device, compile=compile, label="model")
+    if classifier is not None:
+        classifier = prepare_model(classifier, device=device, compile=compile, label="classifier")
+    return model, classifier
 
 
 def load_checkpoint_models(
@@ -156,8 +159,7 @@ def load_checkpoint_models(
     if num_classes is None:
         raise ValueError("an unconditional model needs --classifier (it names the classes)")
     config = dataclasses.replace(preset.diffusion, timestep_respacing="")
-    if compile:
-        model, classifier = _compiled(model, classifier)
+    model, classifier = _prepared(model, classifier, compile)
     return LoadedModels(model, preset, classifier, num_classes, Diffusion.from_config(config))
 
 
