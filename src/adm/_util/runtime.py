@@ -71,15 +71,16 @@ def prepare_model(
 ) -> nn.Module:
     """Move `model` to `device` for fast inference (or training when `trainable`).
 
-    `channels_last=None` picks NHWC on CUDA (faster convolutions with tensor cores) and NCHW on
-    the CPU (no measurable gain there, see benchmarks/RESULTS.md). `compile=True` wraps the model
+    `channels_last=None` picks NHWC on CUDA (faster convolutions with tensor cores) and, for
+    inference, on the CPU (guided sampling ~7% faster there); CPU training stays NCHW, where
+    GroupNorm's backward is slower in NHWC (docs/speed.md). `compile=True` wraps the model
     in `torch.compile` (`compile_model`: the first call compiles; see docs/speed.md).
     Inference models are put in eval mode with parameters frozen, which skips weight gradients
     when guidance differentiates through a classifier.
     """
     device = torch.device(device) if device is not None else default_device()
     if channels_last is None:
-        channels_last = device.type == "cuda"
+        channels_last = device.type == "cuda" or not trainable
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
