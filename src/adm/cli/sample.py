@@ -325,19 +325,35 @@ def digests(**files: str | None) -> dict[str, str]:
     return out
 
 
-def _run(run, args: argparse.Namespace) -> int:
+def prepare_networks(
+    model: torch.nn.Module,
+    classifier: torch.nn.Module | None,
+    *,
+    memory_format: str = "auto",
+    compile: bool = False,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The diffusion network and classifier through `runtime.prepare_model` on their device:
+    frozen for inference, in `memory_format` (auto: prepare_model's choice), compiled if asked.
+    Every sampling command uses this, so that their samples agree bit for bit."""
     from adm._util.runtime import prepare_model
+
+    device = next(model.parameters()).device
+    fmt = {"auto": None, "channels_last": True, "contiguous": False}[memory_format]
+    model = prepare_model(model, device=device, channels_last=fmt, compile=compile, label="model")
+    if classifier is not None:
+        classifier = prepare_model(
+            classifier, device=device, channels_last=fmt, compile=compile, label="classifier"
+        )
+    return model, classifier
+
+
+def _run(run, args: argparse.Namespace) -> int:
     from adm.generate.sample import NonFiniteError, run_sampling
 
-    device = next(run.model.parameters()).device
-    fmt = {"auto": None, "channels_last": True, "contiguous": False}[args.memory_format]
-    prepared = {
-        name: net
-        and prepare_model(net, device=device, channels_last=fmt, compile=args.compile, label=name)
-        for name, net in (("model", run.model), ("classifier", run.classifier))
-    }
-    run = dataclasses.replace(run, **prepared)
-
+    model, classifier = prepare_networks(
+        run.model, run.classifier, memory_format=args.memory_format, compile=args.compile
+    )
+    run = dataclasses.replace(run, model=model, classifier=classifier)
     try:
         paths = run_sampling(run, resume=args.resume, progress=not args.no_progress)
     except ValueError as err:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adm.cli.sample import prepare_networks
 from adm.cli.sweep_run import Subject, SweepSettings
 from adm.diffusion.gaussian import Diffusion
 
@@ -81,7 +82,7 @@ def bundled_subject(
     folder = fashion_mnist.find(data_dir)
     models, _ = demo.load_models(weights_dir, device)
     net, classifier = models["fmnist_diffusion"], models["fmnist_classifier"]
-    net, classifier = _prepared(net, classifier, compile)
+    net, classifier = prepare_networks(net, classifier, compile=compile)
     judge = Judge(models["fmnist_judge"])
     test_images, test_labels = fashion_mnist.load(folder, "t10k")
     ref = judge_reference(judge, test_images, test_labels, setup["reference_size"], seed=0)
@@ -121,19 +122,6 @@ class LoadedModels:
     diffusion: Diffusion
 
 
-def _prepared(
-    model: torch.nn.Module, classifier: torch.nn.Module | None, compile: bool
-) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """Both networks in the inference layout of `prepare_model` (and compiled if asked)."""
-    from adm._util.runtime import prepare_model
-
-    device = next(model.parameters()).device
-    model = prepare_model(model, device=device, compile=compile, label="model")
-    if classifier is not None:
-        classifier = prepare_model(classifier, device=device, compile=compile, label="classifier")
-    return model, classifier
-
-
 def load_checkpoint_models(
     inputs: CheckpointInputs, device: torch.device, *, compile: bool = False
 ) -> LoadedModels:
@@ -159,7 +147,7 @@ def load_checkpoint_models(
     if num_classes is None:
         raise ValueError("an unconditional model needs --classifier (it names the classes)")
     config = dataclasses.replace(preset.diffusion, timestep_respacing="")
-    model, classifier = _prepared(model, classifier, compile)
+    model, classifier = prepare_networks(model, classifier, compile=compile)
     return LoadedModels(model, preset, classifier, num_classes, Diffusion.from_config(config))
 
 
