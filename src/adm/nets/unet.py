@@ -337,9 +337,10 @@ def time_embed_mlp(model_channels: int) -> nn.Sequential:
 
 
 def input_memory_format(model: nn.Module) -> torch.memory_format:
-    """The memory format of the first 4-D weight of `model`: inputs are converted to it once, so
-    that a model moved to channels_last (`model.to(memory_format=torch.channels_last)`) runs in
-    that layout end to end."""
+    """The memory format of `model`'s first convolution weight whose layout is unambiguous (more
+    than one input channel, a kernel larger than 1x1). Inputs are converted to it once, so that a
+    model moved to channels_last (`model.to(memory_format=torch.channels_last)`) runs in that
+    layout end to end."""
     for p in model.parameters():
         if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:].numel() > 1:  # layout not ambiguous
             cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
