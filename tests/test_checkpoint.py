@@ -462,7 +462,10 @@ def test_prepare_model_for_inference_on_the_cpu() -> None:
     model = prepare_model(random_model("tiny_classifier").train(), device="cpu")
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.out[2].qkv_proj.weight.is_contiguous()  # NCHW kept on the CPU
+    conv = model.input_blocks[1][0].in_layers[2].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # NHWC for inference
+    trainable = prepare_model(random_model("tiny_classifier"), device="cpu", trainable=True)
+    assert trainable.input_blocks[1][0].in_layers[2].weight.is_contiguous()  # NCHW for training
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x, torch.tensor([1, 2])).sum().backward()  # guidance still gets input gradients
     assert x.grad is not None

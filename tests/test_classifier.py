@@ -177,6 +177,22 @@ def test_guidance_gradient_equals_finite_differences() -> None:
     torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("pool", ["attention", "spatial"])
+def test_channels_last_classifier_gives_same_guidance_gradient(pool: str) -> None:
+    model = randomize(NoisyClassifier(_tiny(pool=pool)), seed=2).eval()
+    fast = NoisyClassifier(model.config).eval()
+    fast.load_state_dict(model.state_dict(), strict=True)
+    fast.to(memory_format=torch.channels_last)
+    x, t, y = seeded_noise(2, 3, 16, 16), torch.tensor([8, 80]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = model(x, t)
+        torch.testing.assert_close(fast(x, t), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    ref_grad = _guidance_grad(model, x, t, y)
+    torch.testing.assert_close(
+        _guidance_grad(fast, x, t, y), ref_grad, rtol=1e-4, atol=1e-5 * float(ref_grad.abs().max())
+    )
+
+
 def test_checkpointing_keeps_classifier_gradients() -> None:
     model = randomize(NoisyClassifier(_tiny()), seed=1).eval()
     ckpt = NoisyClassifier(dataclasses.replace(model.config, use_checkpoint=True)).eval()

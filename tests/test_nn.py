@@ -10,7 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adm.nets.nn import GroupNorm32, normalization, qkv_attention, timestep_embedding, zero_module
+from adm.nets.nn import (
+    GroupNorm32,
+    normalization,
+    pointwise,
+    qkv_attention,
+    timestep_embedding,
+    token_attention,
+    zero_module,
+)
 from conftest import check_array, golden_cases, load_case
 
 
@@ -129,3 +137,37 @@ def test_qkv_attention_dtype_and_errors() -> None:
     )
     with pytest.raises(ValueError, match="divisible"):
         qkv_attention(torch.randn(1, 50, 4), 2, legacy=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_modulate_equals_norm_then_scale_shift(dtype: torch.dtype) -> None:
+    norm = normalization(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+        norm.bias.copy_(torch.randn(64))
+    x = torch.randn(2, 64, 5, 5).to(memory_format=torch.channels_last).to(dtype)
+    scale, shift = torch.randn(2, 64, 1, 1, dtype=dtype), torch.randn(2, 64, 1, 1, dtype=dtype)
+    out = norm.modulate(x, scale, shift)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    ref = norm(x.to(wide)) * (1 + scale.to(wide)) + shift.to(wide)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.to(wide), ref, rtol=tol, atol=tol)
+
+
+def test_pointwise_is_the_conv1d() -> None:
+    conv = torch.nn.Conv1d(8, 24, 1)
+    x = torch.randn(2, 8, 7)  # [B, C, L]
+    out = pointwise(x.transpose(1, 2), conv)  # tokens as a strided view: no copy needed
+    torch.testing.assert_close(out, conv(x).transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_token_attention_matches_and_reads_first_queries(legacy: bool) -> None:
+    qkv = torch.randn(2, 3 * 3 * 8, 11)  # [B, 3HC, L], 3 heads of 8 channels
+    tokens = qkv.transpose(1, 2).contiguous()  # [B, L, 3HC]
+    full = token_attention(tokens, 3, legacy=legacy)
+    torch.testing.assert_close(full.transpose(1, 2), _einsum_attention(qkv, 3, legacy))
+    first = token_attention(tokens, 3, legacy=legacy, queries=1)
+    assert first.shape == (2, 1, 24)
+    torch.testing.assert_close(first, full[:, :1], rtol=1e-5, atol=1e-6)

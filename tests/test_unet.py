@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from adm.models import flags
-from adm.nets.unet import SuperResUNet, UNet, UNetConfig, upsample_low_res
+from adm.nets.unet import (
+    AttentionBlock,
+    SuperResUNet,
+    UNet,
+    UNetConfig,
+    set_attention_checkpointing,
+    upsample_low_res,
+)
 from conftest import check_array, golden_cases, load_case, randomize, seeded_noise
 
 UNET_CASES = golden_cases("unet_forward")
@@ -213,24 +220,78 @@ def test_channels_last_input_gives_same_output() -> None:
     torch.testing.assert_close(out_cl, ref, rtol=1e-5, atol=atol)
 
 
-def test_gradient_checkpointing_gives_identical_gradients() -> None:
-    plain = randomize(UNet(_tiny(dropout=0.0, use_scale_shift_norm=True))).train()
-    ckpt = UNet(dataclasses.replace(plain.config, use_checkpoint=True)).train()
-    ckpt.load_state_dict(plain.state_dict(), strict=True)
-    calls = []
-    ckpt.middle_block[0].in_layers[0].register_forward_hook(lambda *_: calls.append(1))
+@pytest.mark.parametrize("new_order", [False, True])
+def test_channels_last_model_gives_same_outputs_and_gradients(new_order: bool) -> None:
+    config = _tiny(
+        num_classes=4, resblock_updown=True, use_scale_shift_norm=True, num_head_channels=None,
+        num_heads=2, use_new_attention_order=new_order,
+    )  # fmt: skip
+    plain = randomize(UNet(config)).train()
+    fast = UNet(config).train()
+    fast.load_state_dict(plain.state_dict(), strict=True)
+    fast.to(memory_format=torch.channels_last)
+    layouts = []
+    fast.output_blocks[-1][0].in_layers[2].register_forward_hook(
+        lambda _m, args, _o: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)
+        )
+    )
+    x, t, y = seeded_noise(2, 3, 16, 16), torch.tensor([1, 900]), torch.tensor([0, 3])
+    results = []
+    for model in (plain, fast):
+        xi = x.clone().requires_grad_(True)  # contiguous input: the model converts it once
+        out = model(xi, t, y)
+        out.square().mean().backward()
+        results.append((out, xi.grad, *(p.grad for p in model.parameters())))
+    assert layouts == [True]  # really ran in channels_last inside
+    assert results[1][0].is_contiguous()  # and hands back a plain NCHW tensor
+    for ref, got in zip(*results, strict=True):
+        # Different conv kernels per layout: equal up to float32 rounding (the floor covers the
+        # biases that feed a GroupNorm, whose true gradient is zero).
+        atol = max(1e-5 * float(ref.detach().abs().max()), 1e-7)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=atol)
+
+
+def _assert_same_training_gradients(plain: UNet, ckpt: UNet) -> None:
+    """One fwd+bwd of both models on the same input: input and weight gradients agree."""
     x, t = seeded_noise(2, 3, 16, 16), torch.tensor([2, 800])
     grads = []
     for model in (plain, ckpt):
         xi = x.clone().requires_grad_(True)
         model(xi, t).square().mean().backward()
         grads.append([xi.grad, *(p.grad for p in model.parameters())])
-    assert len(calls) == 2  # the checkpointed block really ran again in backward
     for g_plain, g_ckpt in zip(*grads, strict=True):
         torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-6, atol=1e-7)
+
+
+def test_attention_checkpointing_recomputes_only_attention() -> None:
+    plain = randomize(UNet(_tiny(dropout=0.0, use_scale_shift_norm=True))).train()
+    ckpt = UNet(plain.config).train()
+    ckpt.load_state_dict(plain.state_dict(), strict=True)
+    assert set_attention_checkpointing(ckpt) is ckpt
+    calls: list[str] = []
+    attn = next(m for m in ckpt.modules() if isinstance(m, AttentionBlock))
+    attn.norm.register_forward_hook(lambda *_: calls.append("attention"))
+    ckpt.middle_block[0].in_layers[0].register_forward_hook(lambda *_: calls.append("res"))
+    _assert_same_training_gradients(plain, ckpt)
+    assert calls.count("attention") == 2 and calls.count("res") == 1
+    set_attention_checkpointing(ckpt, False)
+    calls.clear()
+    ckpt(seeded_noise(1, 3, 16, 16), torch.tensor([5])).sum().backward()
+    assert calls.count("attention") == 1
+
+
+def test_gradient_checkpointing_gives_identical_gradients() -> None:
+    plain = randomize(UNet(_tiny(dropout=0.0, use_scale_shift_norm=True))).train()
+    ckpt = UNet(dataclasses.replace(plain.config, use_checkpoint=True)).train()
+    ckpt.load_state_dict(plain.state_dict(), strict=True)
+    calls = []
+    ckpt.middle_block[0].in_layers[0].register_forward_hook(lambda *_: calls.append(1))
+    _assert_same_training_gradients(plain, ckpt)
+    assert len(calls) == 2  # the checkpointed block really ran again in backward
     with torch.no_grad():
         calls.clear()
-        ckpt(x, t)
+        ckpt(seeded_noise(2, 3, 16, 16), torch.tensor([2, 800]))
     assert len(calls) == 1  # no checkpointing without autograd
 
 

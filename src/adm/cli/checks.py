@@ -14,6 +14,12 @@ import os
 from adm._util.atomic import check_writable_dir
 from adm._util.errors import UserError
 
+# The help of `--compile` (adm sample, upsample, sweep, train*).
+COMPILE_HELP = (
+    "torch.compile the networks: the first call compiles (its time is printed), later calls "
+    "may run faster; pays off only on long runs (docs/speed.md)"
+)
+
 
 def flag(dest: str) -> str:
     """The option spelling of an argparse dest: "batch_size" -> "--batch-size"."""

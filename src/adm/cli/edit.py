@@ -143,6 +143,7 @@ def _cmd(args: argparse.Namespace) -> int:
         num_classes = n_clf if num_classes is None else min(num_classes, n_clf)
     labels = _labels(args, stored, len(images), num_classes, net.num_classes is not None)
     job = _job(args, preset, scale)
+    model, classifier = cli_sample.prepare_networks(model, classifier)
     run = edit.EditRun(
         model=model, diffusion_config=preset.diffusion, job=job, out_dir=Path(args.out),
         images=images, masks=masks, labels=labels, class_conditional=net.num_classes is not None,

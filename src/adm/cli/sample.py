@@ -36,6 +36,9 @@ SAMPLE_EXAMPLES = """examples:
 """
 
 
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample",
@@ -127,6 +130,10 @@ def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) 
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--save-pngs", action="store_true", help="also write one PNG per image")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help=checks.COMPILE_HELP)
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
+                   help="the networks' memory format: auto = channels_last (docs/speed.md); "
+                   "samples agree to float32 roundoff")  # fmt: skip
 
 
 def _load(args: argparse.Namespace, device: torch.device):
@@ -309,9 +316,35 @@ def digests(**files: str | None) -> dict[str, str]:
     return out
 
 
+def prepare_networks(
+    model: torch.nn.Module,
+    classifier: torch.nn.Module | None,
+    *,
+    memory_format: str = "auto",
+    compile: bool = False,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The diffusion network and classifier through `runtime.prepare_model` on their device:
+    frozen for inference, in `memory_format` (auto: prepare_model's choice), compiled if asked.
+    Every sampling command uses this, so that their samples agree bit for bit."""
+    from adm._util.runtime import prepare_model
+
+    device = next(model.parameters()).device
+    fmt = {"auto": None, "channels_last": True, "contiguous": False}[memory_format]
+    model = prepare_model(model, device=device, channels_last=fmt, compile=compile, label="model")
+    if classifier is not None:
+        classifier = prepare_model(
+            classifier, device=device, channels_last=fmt, compile=compile, label="classifier"
+        )
+    return model, classifier
+
+
 def _run(run, args: argparse.Namespace) -> int:
     from adm.generate.sample import NonFiniteError, run_sampling
 
+    model, classifier = prepare_networks(
+        run.model, run.classifier, memory_format=args.memory_format, compile=args.compile
+    )
+    run = dataclasses.replace(run, model=model, classifier=classifier)
     try:
         paths = run_sampling(run, resume=args.resume, progress=not args.no_progress)
     except ValueError as err:

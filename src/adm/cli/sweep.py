@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from adm._util.errors import UserError
+from adm.cli import checks
 from adm.cli.sweep_run import Interval, SweepSettings
 
 SWEEP_EXAMPLES = """examples:
@@ -67,6 +68,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(default: %(default)s; images do not depend on it)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help=checks.COMPILE_HELP)
     p.set_defaults(func=_cmd_sweep, stops_cleanly=True)  # run_sweep locks the folder itself
 
 
@@ -196,7 +198,10 @@ def _bundled_subject(args, settings: SweepSettings, device, out: Path):
     weights = Path(args.weights) if args.weights else demo.WEIGHTS_DIR
     sweep_run.check_settings(settings, sweep_subjects.bundled_diffusion(weights))
     sweep_run.read_rows(out / "sweep.json", sweep_subjects.bundled_setup(settings, weights))
-    return settings, sweep_subjects.bundled_subject(settings, weights, args.data, device)
+    subject = sweep_subjects.bundled_subject(
+        settings, weights, args.data, device, compile=args.compile
+    )
+    return settings, subject
 
 
 def _checkpoint_subject(args, settings: SweepSettings, device, out: Path):
@@ -210,7 +215,7 @@ def _checkpoint_subject(args, settings: SweepSettings, device, out: Path):
     inputs = sweep_subjects.CheckpointInputs(
         args.checkpoint, args.classifier, args.ref_batch, args.inception_weights
     )
-    models = sweep_subjects.load_checkpoint_models(inputs, device)
+    models = sweep_subjects.load_checkpoint_models(inputs, device, compile=args.compile)
     settings = _with_classes(settings, args.classes, models.num_classes)
     if models.classifier is None and any(settings.scales):
         raise UserError("guidance scales > 0 need --classifier (or give --scales 0)")

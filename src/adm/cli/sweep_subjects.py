@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adm.cli.sample import prepare_networks
 from adm.cli.sweep_run import Subject, SweepSettings
 from adm.diffusion.gaussian import Diffusion
 
@@ -64,9 +65,15 @@ def bundled_diffusion(weights_dir: Path) -> Diffusion:
 
 
 def bundled_subject(
-    settings: SweepSettings, weights_dir: Path, data_dir: str | None, device: torch.device
+    settings: SweepSettings,
+    weights_dir: Path,
+    data_dir: str | None,
+    device: torch.device,
+    *,
+    compile: bool = False,
 ) -> Subject:
-    """The demo's models, scored by its judge against Fashion-MNIST test images."""
+    """The demo's models, scored by its judge against Fashion-MNIST test images (`compile`:
+    the diffusion network and classifier under torch.compile)."""
     from adm.cli import demo
     from adm.data import fashion_mnist
     from adm.evaluation.judge import Judge, judge_metrics, judge_reference
@@ -74,7 +81,9 @@ def bundled_subject(
     setup = bundled_setup(settings, weights_dir)
     folder = fashion_mnist.find(data_dir)
     models, _ = demo.load_models(weights_dir, device)
-    net, judge = models["fmnist_diffusion"], Judge(models["fmnist_judge"])
+    net, classifier = models["fmnist_diffusion"], models["fmnist_classifier"]
+    net, classifier = prepare_networks(net, classifier, compile=compile)
+    judge = Judge(models["fmnist_judge"])
     test_images, test_labels = fashion_mnist.load(folder, "t10k")
     ref = judge_reference(judge, test_images, test_labels, setup["reference_size"], seed=0)
 
@@ -84,7 +93,7 @@ def bundled_subject(
 
     return Subject(
         model_fn=lambda x, t, **_: net(x, t),
-        classifier=models["fmnist_classifier"],
+        classifier=classifier,
         diffusion=bundled_diffusion(weights_dir),
         shape=(1, 28, 28),
         measure=measure,
@@ -113,8 +122,11 @@ class LoadedModels:
     diffusion: Diffusion
 
 
-def load_checkpoint_models(inputs: CheckpointInputs, device: torch.device) -> LoadedModels:
-    """The diffusion model and classifier, checked to fit each other (ValueError otherwise)."""
+def load_checkpoint_models(
+    inputs: CheckpointInputs, device: torch.device, *, compile: bool = False
+) -> LoadedModels:
+    """The diffusion model and classifier, checked to fit each other (ValueError otherwise);
+    `compile`: both under torch.compile."""
     from adm.models import checkpoint
 
     model, preset = checkpoint.load_model(inputs.checkpoint, device=device)
@@ -135,6 +147,7 @@ def load_checkpoint_models(inputs: CheckpointInputs, device: torch.device) -> Lo
     if num_classes is None:
         raise ValueError("an unconditional model needs --classifier (it names the classes)")
     config = dataclasses.replace(preset.diffusion, timestep_respacing="")
+    model, classifier = prepare_networks(model, classifier, compile=compile)
     return LoadedModels(model, preset, classifier, num_classes, Diffusion.from_config(config))
 
 

@@ -100,6 +100,10 @@ def _options(p: argparse.ArgumentParser, kind: str) -> None:
     a("--workers", type=int, default=0, help="data-loading processes per rank")
     a("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
     a("--no-progress", action="store_true")
+    a("--compile", action="store_true", help=checks.COMPILE_HELP)
+    a("--checkpoint-attention", action="store_true",
+      help="recompute the attention blocks in backward (as the original does): less memory, "
+      "a little more time (docs/speed.md)")  # fmt: skip
     a("--dry-run", action="store_true", help="print the resolved configuration and exit")
     a(
         "--force",
@@ -345,6 +349,8 @@ def _train_config(args: argparse.Namespace, kind: str):
         skip_bad_images=args.skip_bad_images,
         device=args.device,
         progress=not args.no_progress,
+        compile=args.compile,
+        checkpoint_attention=args.checkpoint_attention,
     )
     if classifier:
         values.update(noised=not args.no_noise, eval_interval=args.eval_interval or 100,

@@ -13,8 +13,14 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from adm.nets.nn import normalization, qkv_attention, timestep_embedding, zero_module
-from adm.nets.unet import build_encoder, freeze_sequences, time_embed_mlp, validate_encoder_config
+from adm.nets.nn import normalization, pointwise, timestep_embedding, token_attention, zero_module
+from adm.nets.unet import (
+    build_encoder,
+    freeze_sequences,
+    input_memory_format,
+    time_embed_mlp,
+    validate_encoder_config,
+)
 
 __all__ = ["AttentionPool2d", "ClassifierConfig", "NoisyClassifier", "Pool"]
 
@@ -89,17 +95,20 @@ class AttentionPool2d(nn.Module):
         self.num_heads = embed_dim // num_head_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c, *spatial = x.shape
-        x = x.reshape(n, c, -1)  # [N, C, HW]
-        if x.shape[-1] != self.spatial_dim**2:
+        spatial = x.shape[2:]
+        tokens = x.flatten(2).transpose(1, 2)  # [N, HW, C] (a view)
+        if tokens.shape[1] != self.spatial_dim**2:
             raise ValueError(
                 f"attention pooling expects {self.spatial_dim}x{self.spatial_dim} positions, "
                 f"got {'x'.join(map(str, spatial))}"
             )
-        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # [N, C, HW+1]
-        x = x + self.positional_embedding[None].to(x.dtype)  # [N, C, HW+1]
-        x = qkv_attention(self.qkv_proj(x), self.num_heads, legacy=False)  # [N, C, HW+1]
-        return self.c_proj(x)[:, :, 0]  # [N, out]: the mean token's output
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [N, HW+1, C]
+        tokens = tokens + self.positional_embedding.t()[None].to(tokens.dtype)  # [N, HW+1, C]
+        qkv = pointwise(tokens, self.qkv_proj)  # [N, HW+1, 3C]
+        # Only the mean token's output is read, so only it attends (the other queries' rows of
+        # the reference's full attention are computed there and dropped).
+        pooled = token_attention(qkv, self.num_heads, legacy=False, queries=1)  # [N, 1, C]
+        return pointwise(pooled, self.c_proj)[:, 0]  # [N, out]
 
 
 def _pool_head(cfg: ClassifierConfig, channels: int, feature_size: int) -> nn.Sequential:
@@ -156,7 +165,7 @@ class NoisyClassifier(nn.Module):
         emb_in = timestep_embedding(t, self.config.model_channels)  # [N, mc]
         emb = self.time_embed(emb_in.to(self.time_embed[0].weight.dtype))  # [N, 4mc]
         spatial = self.config.pool.startswith("spatial")
-        means, h = [], x
+        means, h = [], x.contiguous(memory_format=input_memory_format(self))
         for block in self.input_blocks:
             h = block(h, emb)  # [N, C_l, H/ds, W/ds]
             if spatial:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from adm.nets.nn import normalization, qkv_attention, timestep_embedding, zero_module
+from adm.nets.nn import normalization, pointwise, timestep_embedding, token_attention, zero_module
 
 __all__ = [
     "AttentionBlock",
@@ -30,6 +30,8 @@ __all__ = [
     "UNetConfig",
     "Upsample",
     "build_encoder",
+    "input_memory_format",
+    "set_attention_checkpointing",
     "time_embed_mlp",
     "upsample_low_res",
 ]
@@ -261,7 +263,7 @@ class ResBlock(TimestepBlock):
         norm_out, act_out, drop, conv_out = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # 2 x [N, C_out, 1, 1]
-            h = norm_out(h) * (1 + scale) + shift
+            h = norm_out.modulate(h, scale, shift)  # norm_out(h) * (1 + scale) + shift
         else:
             h = norm_out(h + emb_out)
         h = conv_out(drop(act_out(h)))  # [N, C_out, H', W']
@@ -272,7 +274,14 @@ class AttentionBlock(nn.Module):
     """Residual self-attention over all spatial positions; zero-initialised output projection.
 
     Heads: `channels // num_head_channels`, or `num_heads` when `num_head_channels` is None.
+    The 1x1 projections `qkv` and `proj_out` keep the reference's Conv1d parameters but run as
+    matmuls on [N, HW, C] tokens, which are a free view of a channels_last input (and a strided
+    view of an NCHW one): no layout copies around the attention kernel.
+    `checkpoint_attention` (set by `set_attention_checkpointing`) recomputes the block in the
+    backward pass, as the reference always does, to keep less memory in training.
     """
+
+    checkpoint_attention: bool = False
 
     def __init__(
         self,
@@ -295,22 +304,48 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_checkpoint and torch.is_grad_enabled():
+        recompute = self.use_checkpoint or self.checkpoint_attention
+        if recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
-        n, c, *spatial = x.shape
-        x = x.reshape(n, c, -1)  # [N, C, L]
-        qkv = self.qkv(self.norm(x))  # [N, 3C, L]
-        h = self.proj_out(qkv_attention(qkv, self.num_heads, legacy=self.legacy))  # [N, C, L]
-        return (x + h).reshape(n, c, *spatial)  # [N, C, H, W]
+        spatial = x.shape[2:]
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [N, L, C] (a view)
+        qkv = pointwise(tokens, self.qkv)  # [N, L, 3C]
+        h = token_attention(qkv, self.num_heads, legacy=self.legacy)  # [N, L, C]
+        h = pointwise(h, self.proj_out).transpose(1, 2)  # [N, C, L]
+        return x + h.unflatten(2, spatial)  # [N, C, H, W]
+
+
+def set_attention_checkpointing(model: nn.Module, on: bool = True) -> nn.Module:
+    """Recompute every attention block of `model` in the backward pass (or stop doing so).
+
+    Trades one more attention forward per training step for not keeping the blocks' activations
+    (q/k/v, attention output) until backward; the reference does this always. Returns `model`.
+    """
+    for module in model.modules():
+        if isinstance(module, AttentionBlock):
+            module.checkpoint_attention = on
+    return model
 
 
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """`time_embed`: Linear(mc, 4mc), SiLU, Linear(4mc, 4mc) on the sinusoidal embedding."""
     dim = 4 * model_channels
     return nn.Sequential(nn.Linear(model_channels, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+def input_memory_format(model: nn.Module) -> torch.memory_format:
+    """The memory format of `model`'s first convolution weight whose layout is unambiguous (more
+    than one input channel, a kernel larger than 1x1). Inputs are converted to it once, so that a
+    model moved to channels_last (`model.to(memory_format=torch.channels_last)`) runs in that
+    layout end to end."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:].numel() > 1:  # layout not ambiguous
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
 
 
 def _res_block(cfg: EncoderConfig, channels: int, out_channels: int, **updown: bool) -> ResBlock:
@@ -438,14 +473,14 @@ class UNet(nn.Module):
         emb = self.time_embed(emb_in.to(self.time_embed[0].weight.dtype))  # [N, 4mc]
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)  # [N, 4mc]
-        skips, h = [], x
+        skips, h = [], x.contiguous(memory_format=input_memory_format(self))
         for block in self.input_blocks:
             h = block(h, emb)  # [N, C_l, H/ds, W/ds]
             skips.append(h)
         h = self.middle_block(h, emb)  # [N, C_mid, H/ds_max, W/ds_max]
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # [N, C_l, H/ds, W/ds]
-        return self.out(h)  # [N, out_channels, H, W]
+        return self.out(h).contiguous()  # [N, out_channels, H, W]
 
 
 def upsample_low_res(low_res: Tensor, size: Sequence[int]) -> Tensor:

@@ -63,6 +63,8 @@ class TrainConfig:
     skip_bad_images: bool = False
     device: str | None = None
     progress: bool = True
+    compile: bool = False  # torch.compile the network (first step compiles; docs/speed.md)
+    checkpoint_attention: bool = False  # recompute attention in backward (less memory)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ema_rates", tuple(float(r) for r in self.ema_rates))

@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 
 from adm._util import dist
 from adm._util.errors import os_error_text
+from adm._util.runtime import compile_model
 from adm.data import datasets as datalib
 from adm.diffusion.gaussian import Diffusion, q_sample, training_losses
 from adm.diffusion.resample import create_sampler
 from adm.models import checkpoint
 from adm.models.presets import build_model, preset_to_dict
+from adm.nets.unet import set_attention_checkpointing
 from adm.training import state as ts
 from adm.training.log import MetricMeter
 from adm.training.lr import LRSchedule, ScheduleConflict, resume_note
@@ -113,6 +115,10 @@ class Trainer:
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.checkpoint_attention:
+            set_attention_checkpointing(self.model)
+        if self.cfg.compile:
+            self.net = compile_model(self.net, label=f"rank {info.rank} network")
         self.plan = datalib.BatchPlan(
             len(setup.source), self.cfg.batch_size, rank=info.rank,
             world_size=info.world_size, seed=self.cfg.seed,
