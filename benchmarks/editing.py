@@ -26,22 +26,12 @@ import numpy as np
 
 from adm.cli import main as cli
 from adm.data import fashion_mnist
+from adm.evaluation.edits import masked_error, seam
 from adm.evaluation.judge import Judge
 from adm.models import checkpoint
 
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat",
            "sandal", "shirt", "sneaker", "bag", "ankle boot")  # fmt: skip
-
-
-def seam(images: np.ndarray, keep: np.ndarray) -> float:
-    """Mean |x_a − x_b| over horizontally or vertically adjacent pixels a, b of which exactly one
-    is known (`keep` [H, W]); images uint8 [N, H, W]."""
-    x = images.astype(np.float64)
-    h = keep[:, 1:] != keep[:, :-1]
-    v = keep[1:, :] != keep[:-1, :]
-    dh = np.abs(x[:, :, 1:] - x[:, :, :-1])[:, h]
-    dv = np.abs(x[:, 1:, :] - x[:, :-1, :])[:, v]
-    return float(np.concatenate([dh, dv], axis=1).mean())
 
 
 def run(argv: list[str], log: list[str]) -> float:
@@ -62,33 +52,37 @@ def inpainting(args, judge: Judge, images, labels, out: Path, log: list[str]) ->
     rows = []
     from adm.diffusion.inpaint import network_calls
 
-    methods = [("RePaint", args.resample, args.steps), ("replacement", 1, args.steps)]
+    methods = [("RePaint", args.resample, args.steps, []), ("replacement", 1, args.steps, [])]
+    methods = [m for m in methods if m[0] in args.methods]
     if args.equal_nfe:  # replacement given as many network calls as RePaint, in more steps
-        methods = [
-            ("replacement-equal-NFE", 1, network_calls(args.steps, args.jump, args.resample))
-        ]
-    for name, r, steps in methods:
+        calls = network_calls(args.steps, args.jump, args.resample)
+        methods = [("replacement-equal-NFE", 1, calls, [])]
+    if args.solvers:  # replacement with fast solvers (sampler:steps) next to DDPM replacement
+        methods = [("replacement", 1, args.steps, [])]
+        for solver in args.solvers:
+            sampler, steps = solver.split(":")
+            methods.append((f"replacement-{sampler}-{args.grid}{steps}", 1, int(steps),
+                            ["--sampler", sampler, "--grid", args.grid]))  # fmt: skip
+    for name, r, steps, extra in methods:
         for scale in args.inpaint_scales or (0.0, args.scale):
             folder = out / f"inpaint_{name}_s{scale:g}{_seed_tag(args)}"
             argv = ["inpaint", "--checkpoint", "fmnist_diffusion", "--images",
                     str(out / "inputs.npz"), "--masks", str(out / "right_half.npz"),
                     "--steps", str(steps), "--jump", str(args.jump), "--resample", str(r),
                     "--batch-size", "50", "--out", str(folder), "--no-progress",
-                    "--seed", str(args.seed)]  # fmt: skip
+                    "--seed", str(args.seed), *extra]  # fmt: skip
             if scale:
                 argv += ["--classifier", "fmnist_classifier", "--classifier-scale", f"{scale:g}",
                          "--classes", "labels"]  # fmt: skip
             seconds = run(argv, log)
             edits = np.load(folder / f"edits_{len(images)}x28x28x1.npz")["arr_0"][..., 0]
             logits, _ = judge(edits)
-            hole = ~keep
             rows.append({
                 "method": name, "resample": r, "jump": args.jump, "scale": scale, "steps": steps,
                 "nfe": network_calls(steps, args.jump, r),
                 "judge_accuracy": float((logits.argmax(1).numpy() == labels).mean()),
-                "masked_mae": float(np.abs(edits.astype(float) - images)[:, hole].mean()),
-                "masked_rmse": float(np.sqrt(((edits.astype(float) - images)[:, hole] ** 2)
-                                             .mean())),
+                "masked_mae": masked_error(edits, images, keep)[0],
+                "masked_rmse": masked_error(edits, images, keep)[1],
                 "seam": seam(edits, keep), "seam_originals": seam(images, keep),
                 "known_exact": bool((edits[:, keep] == images[:, keep]).all()),
                 "seconds": seconds, "folder": str(folder),
@@ -173,6 +167,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="inpainting: --seed of the runs")
     p.add_argument("--equal-nfe", action="store_true", help="inpainting: only replacement with "
                    "RePaint's number of network calls")  # fmt: skip
+    p.add_argument("--methods", nargs="+", choices=("RePaint", "replacement"),
+                   default=["RePaint", "replacement"], help="inpainting: which to run")  # fmt: skip
+    p.add_argument(
+        "--solvers",
+        nargs="+",
+        metavar="SAMPLER:STEPS",
+        help="inpainting: only "
+        "DDPM replacement and replacement with these solvers, e.g. dpm++2m:10",
+    )
+    p.add_argument("--grid", default="karras", help="--solvers: their timestep grid")
     p.add_argument("--figures", metavar="DOCS_IMAGES", help="only draw the docs' grids from --out")
     args = p.parse_args()
     out = Path(args.out)
@@ -193,6 +197,12 @@ def main() -> None:
     result.update(commands=log, seconds=round(time.perf_counter() - start, 1),
                   load_average_end=os.getloadavg())  # fmt: skip
     tag = f"{args.only or 'all'}{'_equal_nfe' if args.equal_nfe else ''}{_seed_tag(args)}"
+    if args.solvers:
+        tag += "_solvers_" + "-".join(args.solvers)
+    if args.methods != ["RePaint", "replacement"]:
+        tag += "_" + "-".join(args.methods)
+    if args.inpaint_scales:
+        tag += "_iscales" + "-".join(f"{s:g}" for s in args.inpaint_scales)
     if args.translate_scales:
         tag += "_scales" + "-".join(f"{s:g}" for s in args.translate_scales)
     (out / f"results_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")

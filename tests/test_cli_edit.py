@@ -84,7 +84,7 @@ def test_masks_of_all_ones_return_the_input(files, tmp_path):
     np.testing.assert_array_equal(_edits(tmp_path / "o"), np.load(files["images"])["arr_0"])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "dpm++2m-sde"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m-sde"])
 def test_a_mask_of_all_zeros_is_adm_sample_with_the_same_seeds(files, tmp_path, sampler):
     seeds = ["--seed", "3", "--batch-size", "4", "--sampler", sampler]
     assert _inpaint(files, tmp_path / "inpaint", *seeds, masks="zeros") == 0
