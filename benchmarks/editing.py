@@ -126,6 +126,38 @@ def translation(args, judge: Judge, test_images, test_labels, out: Path, log) ->
     return rows
 
 
+def paired(out: Path, judge: Judge) -> list[dict]:
+    """RePaint against replacement on the same images, seeds and guidance, from the runs in
+    `out`: accuracies with binomial standard errors, the images only one of them gets right, and
+    the accuracy on the images whose original the judge gets right / wrong."""
+    images, labels = np.load(out / "inputs.npz")["arr_0"], np.load(out / "inputs.npz")["arr_1"]
+    original_right = judge(images)[0].argmax(1).numpy() == labels
+    rows = []
+    for repaint in sorted(out.glob("inpaint_RePaint_s*")):
+        other = out / repaint.name.replace("RePaint", "replacement")
+        if not (other / "settings.json").exists() or not (repaint / "settings.json").exists():
+            continue
+        right = {}
+        for name, folder in (("RePaint", repaint), ("replacement", other)):
+            edits = np.load(next(folder.glob("edits_*.npz")))["arr_0"][..., 0]
+            right[name] = judge(edits)[0].argmax(1).numpy() == labels
+        row = {"runs": repaint.name.removeprefix("inpaint_RePaint_"), "n": len(labels)}
+        for name, ok in right.items():
+            p = ok.mean()
+            row[name] = {"accuracy": float(p), "se": float(np.sqrt(p * (1 - p) / len(ok))),
+                         "original_right": float(ok[original_right].mean()),
+                         "original_wrong": float(ok[~original_right].mean())}  # fmt: skip
+        row["only_RePaint"] = int((right["RePaint"] & ~right["replacement"]).sum())
+        row["only_replacement"] = int((~right["RePaint"] & right["replacement"]).sum())
+        b, c, n = row["only_RePaint"], row["only_replacement"], len(labels)
+        row["difference"] = (b - c) / n  # its paired standard error: √(b + c − (b − c)²/n) / n
+        row["difference_se"] = float(np.sqrt(b + c - (b - c) ** 2 / n) / n)
+        row["originals_wrong"] = int((~original_right).sum())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def figures(out: Path, docs: Path, scale: float, count: int = 8) -> None:
     """docs/images/editing_inpaint.png (columns: input, masked input, replacement, RePaint, each
     unguided then guided) and editing_sdedit.png (input, then each strength, guided at `scale`)."""
@@ -177,6 +209,8 @@ def main() -> None:
         "DDPM replacement and replacement with these solvers, e.g. dpm++2m:10",
     )
     p.add_argument("--grid", default="karras", help="--solvers: their timestep grid")
+    p.add_argument("--paired", action="store_true", help="only compare the RePaint and "
+                   "replacement runs already in --out, image by image")  # fmt: skip
     p.add_argument("--figures", metavar="DOCS_IMAGES", help="only draw the docs' grids from --out")
     args = p.parse_args()
     out = Path(args.out)
@@ -184,8 +218,12 @@ def main() -> None:
     if args.figures:
         figures(out, Path(args.figures), args.translate_scale)
         return
-    test_images, test_labels = fashion_mnist.load(fashion_mnist.find(None), "t10k")
     judge = Judge(checkpoint.load_model("fmnist_judge")[0].eval())
+    if args.paired:
+        rows = paired(out, judge)
+        (out / "results_paired.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    test_images, test_labels = fashion_mnist.load(fashion_mnist.find(None), "t10k")
     log: list[str] = []
     result: dict = {"load_average_start": os.getloadavg(), "settings": vars(args)}
     start = time.perf_counter()
