@@ -1,7 +1,7 @@
 """`adm demo --edit`: editing in miniature on the bundled Fashion-MNIST models (docs/editing.md).
 
 The right half of 16 test images is inpainted by replacement (DDPM-25, and SDE-DPM-Solver++(2M)
-on 10 Karras steps) and by a short RePaint (DDPM-25, r = 4, j = 10); 16 sneakers are pushed towards
+on 20 Karras steps) and by a short RePaint (DDPM-25, r = 4, j = 10); 16 sneakers are pushed towards
 "sandal" by SDEdit (strength 0.7, DDPM, classifier scale 8). The demo's judge scores every output:
 accuracy on the true (or target) class, the error in the regenerated half and the seam across the
 mask boundary. The same `adm.generate.edit` calls as `adm inpaint` / `adm edit`, one batch each.
@@ -32,7 +32,7 @@ class EditDemoSettings:
     steps: int = 25  # DDPM steps of replacement and RePaint
     repaint_resample: int = 4  # RePaint's r and j (the paper: 10 and 10)
     repaint_jump: int = 10
-    solver_steps: int = 10  # SDE-DPM-Solver++(2M) replacement, on the Karras grid
+    solver_steps: int = 20  # SDE-DPM-Solver++(2M) replacement, on the Karras grid
     strength: float = 0.7
     sdedit_steps: int = 50  # of a whole-chain run; an edit at strength S takes round(S·steps)
     translate_scale: float = 8.0
