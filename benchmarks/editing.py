@@ -141,21 +141,39 @@ def paired(out: Path, judge: Judge) -> list[dict]:
         for name, folder in (("RePaint", repaint), ("replacement", other)):
             edits = np.load(next(folder.glob("edits_*.npz")))["arr_0"][..., 0]
             right[name] = judge(edits)[0].argmax(1).numpy() == labels
-        row = {"runs": repaint.name.removeprefix("inpaint_RePaint_"), "n": len(labels)}
+        row: dict = {"runs": repaint.name.removeprefix("inpaint_RePaint_")}
         for name, ok in right.items():
             p = ok.mean()
             row[name] = {"accuracy": float(p), "se": float(np.sqrt(p * (1 - p) / len(ok))),
                          "original_right": float(ok[original_right].mean()),
                          "original_wrong": float(ok[~original_right].mean())}  # fmt: skip
-        row["only_RePaint"] = int((right["RePaint"] & ~right["replacement"]).sum())
-        row["only_replacement"] = int((~right["RePaint"] & right["replacement"]).sum())
-        b, c, n = row["only_RePaint"], row["only_replacement"], len(labels)
-        row["difference"] = (b - c) / n  # its paired standard error: √(b + c − (b − c)²/n) / n
-        row["difference_se"] = float(np.sqrt(b + c - (b - c) ** 2 / n) / n)
+        for subset, where in (("", slice(None)), ("_originals_right", original_right)):
+            rp, rl = right["RePaint"][where], right["replacement"][where]
+            row[f"only_RePaint{subset}"] = int((rp & ~rl).sum())
+            row[f"only_replacement{subset}"] = int((~rp & rl).sum())
+            row[f"n{subset}"] = len(rp)
         row["originals_wrong"] = int((~original_right).sum())
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append({**row, **_difference(row)})
+        print(json.dumps(rows[-1]), flush=True)
+    for scale in sorted({r["runs"].split("_")[0] for r in rows}):  # seeds pooled
+        runs = [r for r in rows if r["runs"].split("_")[0] == scale]
+        keys = [k for k in runs[0] if k.startswith(("only_", "n"))]
+        pooled = {"runs": f"{scale} pooled over {len(runs)}", **{k: sum(r[k] for r in runs)
+                                                                  for k in keys}}  # fmt: skip
+        rows.append({**pooled, **_difference(pooled)})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _difference(row: dict) -> dict:
+    """RePaint's accuracy minus replacement's on the same images, with its paired standard error
+    √(b + c − (b − c)²/n) / n (b, c: images only RePaint / only replacement gets right)."""
+    out = {}
+    for subset in ("", "_originals_right"):
+        b, c, n = row[f"only_RePaint{subset}"], row[f"only_replacement{subset}"], row[f"n{subset}"]
+        out[f"difference{subset}"] = (b - c) / n
+        out[f"difference_se{subset}"] = float(np.sqrt(b + c - (b - c) ** 2 / n) / n)
+    return out
 
 
 def figures(out: Path, docs: Path, scale: float, count: int = 8) -> None:
