@@ -24,6 +24,8 @@ INPAINT_EXAMPLES = """examples:
       --classifier-scale 4 --classes labels --images in.npz --masks m.npz  (guided to arr_1)
   adm inpaint --checkpoint 256x256_diffusion_uncond.pt --images photos/ --masks masks/ \\
       --steps 250 --jump 10 --resample 10                        (RePaint's own setting)
+  adm inpaint --checkpoint fmnist_diffusion --images in.npz --masks m.npz \\
+      --sampler dpm++2m-sde --grid karras --steps 20             (fast replacement)
 """
 
 EDIT_EXAMPLES = """examples:
@@ -39,8 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="fill in masked regions of images (RePaint resampling or plain replacement)",
         description="Inpaint images where the mask is black: at every step the known region "
         "(mask white; grey levels >= 128) is replaced by the forward-noised input, and with "
-        "--resample r > 1 RePaint re-noises every --jump j steps and denoises again, r times. "
-        "DDPM or DDIM steps; classifier or classifier-free guidance towards --classes. The known "
+        "--resample r > 1 RePaint re-noises every --jump j steps and denoises again, r times "
+        "(DDPM or DDIM; the multistep solvers do replacement only). Classifier or "
+        "classifier-free guidance towards --classes. The known "
         "pixels of the output equal the input exactly. Writes edits_*.npz, grid.png (input | "
         "mask | output) and settings.json.",
         epilog=INPAINT_EXAMPLES,
