@@ -27,6 +27,7 @@ def test_seam_and_masked_error_on_images_with_known_answers():
     assert masked_error(half, flat, keep) == (15.0, pytest.approx(np.sqrt(450)))
 
 
+@pytest.mark.slow  # about 7 s at load 5.6 (loading the three models dominates)
 def test_edit_demo_on_two_images_writes_its_tables_grids_and_metrics(tmp_path):
     try:
         fashion_mnist.find(download=False)
