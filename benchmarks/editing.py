@@ -26,22 +26,12 @@ import numpy as np
 
 from adm.cli import main as cli
 from adm.data import fashion_mnist
+from adm.evaluation.edits import masked_error, seam
 from adm.evaluation.judge import Judge
 from adm.models import checkpoint
 
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat",
            "sandal", "shirt", "sneaker", "bag", "ankle boot")  # fmt: skip
-
-
-def seam(images: np.ndarray, keep: np.ndarray) -> float:
-    """Mean |x_a − x_b| over horizontally or vertically adjacent pixels a, b of which exactly one
-    is known (`keep` [H, W]); images uint8 [N, H, W]."""
-    x = images.astype(np.float64)
-    h = keep[:, 1:] != keep[:, :-1]
-    v = keep[1:, :] != keep[:-1, :]
-    dh = np.abs(x[:, :, 1:] - x[:, :, :-1])[:, h]
-    dv = np.abs(x[:, 1:, :] - x[:, :-1, :])[:, v]
-    return float(np.concatenate([dh, dv], axis=1).mean())
 
 
 def run(argv: list[str], log: list[str]) -> float:
@@ -62,33 +52,37 @@ def inpainting(args, judge: Judge, images, labels, out: Path, log: list[str]) ->
     rows = []
     from adm.diffusion.inpaint import network_calls
 
-    methods = [("RePaint", args.resample, args.steps), ("replacement", 1, args.steps)]
+    methods = [("RePaint", args.resample, args.steps, []), ("replacement", 1, args.steps, [])]
+    methods = [m for m in methods if m[0] in args.methods]
     if args.equal_nfe:  # replacement given as many network calls as RePaint, in more steps
-        methods = [
-            ("replacement-equal-NFE", 1, network_calls(args.steps, args.jump, args.resample))
-        ]
-    for name, r, steps in methods:
+        calls = network_calls(args.steps, args.jump, args.resample)
+        methods = [("replacement-equal-NFE", 1, calls, [])]
+    if args.solvers:  # replacement with fast solvers (sampler:steps) next to DDPM replacement
+        methods = [("replacement", 1, args.steps, [])]
+        for solver in args.solvers:
+            sampler, steps = solver.split(":")
+            methods.append((f"replacement-{sampler}-{args.grid}{steps}", 1, int(steps),
+                            ["--sampler", sampler, "--grid", args.grid]))  # fmt: skip
+    for name, r, steps, extra in methods:
         for scale in args.inpaint_scales or (0.0, args.scale):
             folder = out / f"inpaint_{name}_s{scale:g}{_seed_tag(args)}"
             argv = ["inpaint", "--checkpoint", "fmnist_diffusion", "--images",
                     str(out / "inputs.npz"), "--masks", str(out / "right_half.npz"),
                     "--steps", str(steps), "--jump", str(args.jump), "--resample", str(r),
                     "--batch-size", "50", "--out", str(folder), "--no-progress",
-                    "--seed", str(args.seed)]  # fmt: skip
+                    "--seed", str(args.seed), *extra]  # fmt: skip
             if scale:
                 argv += ["--classifier", "fmnist_classifier", "--classifier-scale", f"{scale:g}",
                          "--classes", "labels"]  # fmt: skip
             seconds = run(argv, log)
             edits = np.load(folder / f"edits_{len(images)}x28x28x1.npz")["arr_0"][..., 0]
             logits, _ = judge(edits)
-            hole = ~keep
             rows.append({
                 "method": name, "resample": r, "jump": args.jump, "scale": scale, "steps": steps,
                 "nfe": network_calls(steps, args.jump, r),
                 "judge_accuracy": float((logits.argmax(1).numpy() == labels).mean()),
-                "masked_mae": float(np.abs(edits.astype(float) - images)[:, hole].mean()),
-                "masked_rmse": float(np.sqrt(((edits.astype(float) - images)[:, hole] ** 2)
-                                             .mean())),
+                "masked_mae": masked_error(edits, images, keep)[0],
+                "masked_rmse": masked_error(edits, images, keep)[1],
                 "seam": seam(edits, keep), "seam_originals": seam(images, keep),
                 "known_exact": bool((edits[:, keep] == images[:, keep]).all()),
                 "seconds": seconds, "folder": str(folder),
@@ -132,6 +126,56 @@ def translation(args, judge: Judge, test_images, test_labels, out: Path, log) ->
     return rows
 
 
+def paired(out: Path, judge: Judge) -> list[dict]:
+    """RePaint against replacement on the same images, seeds and guidance, from the runs in
+    `out`: accuracies with binomial standard errors, the images only one of them gets right, and
+    the accuracy on the images whose original the judge gets right / wrong."""
+    images, labels = np.load(out / "inputs.npz")["arr_0"], np.load(out / "inputs.npz")["arr_1"]
+    original_right = judge(images)[0].argmax(1).numpy() == labels
+    rows = []
+    for repaint in sorted(out.glob("inpaint_RePaint_s*")):
+        other = out / repaint.name.replace("RePaint", "replacement")
+        if not (other / "settings.json").exists() or not (repaint / "settings.json").exists():
+            continue
+        right = {}
+        for name, folder in (("RePaint", repaint), ("replacement", other)):
+            edits = np.load(next(folder.glob("edits_*.npz")))["arr_0"][..., 0]
+            right[name] = judge(edits)[0].argmax(1).numpy() == labels
+        row: dict = {"runs": repaint.name.removeprefix("inpaint_RePaint_")}
+        for name, ok in right.items():
+            p = ok.mean()
+            row[name] = {"accuracy": float(p), "se": float(np.sqrt(p * (1 - p) / len(ok))),
+                         "original_right": float(ok[original_right].mean()),
+                         "original_wrong": float(ok[~original_right].mean())}  # fmt: skip
+        for subset, where in (("", slice(None)), ("_originals_right", original_right)):
+            rp, rl = right["RePaint"][where], right["replacement"][where]
+            row[f"only_RePaint{subset}"] = int((rp & ~rl).sum())
+            row[f"only_replacement{subset}"] = int((~rp & rl).sum())
+            row[f"n{subset}"] = len(rp)
+        row["originals_wrong"] = int((~original_right).sum())
+        rows.append({**row, **_difference(row)})
+        print(json.dumps(rows[-1]), flush=True)
+    for scale in sorted({r["runs"].split("_")[0] for r in rows}):  # seeds pooled
+        runs = [r for r in rows if r["runs"].split("_")[0] == scale]
+        keys = [k for k in runs[0] if k.startswith(("only_", "n"))]
+        pooled = {"runs": f"{scale} pooled over {len(runs)}", **{k: sum(r[k] for r in runs)
+                                                                  for k in keys}}  # fmt: skip
+        rows.append({**pooled, **_difference(pooled)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _difference(row: dict) -> dict:
+    """RePaint's accuracy minus replacement's on the same images, with its paired standard error
+    √(b + c − (b − c)²/n) / n (b, c: images only RePaint / only replacement gets right)."""
+    out = {}
+    for subset in ("", "_originals_right"):
+        b, c, n = row[f"only_RePaint{subset}"], row[f"only_replacement{subset}"], row[f"n{subset}"]
+        out[f"difference{subset}"] = (b - c) / n
+        out[f"difference_se{subset}"] = float(np.sqrt(b + c - (b - c) ** 2 / n) / n)
+    return out
+
+
 def figures(out: Path, docs: Path, scale: float, count: int = 8) -> None:
     """docs/images/editing_inpaint.png (columns: input, masked input, replacement, RePaint, each
     unguided then guided) and editing_sdedit.png (input, then each strength, guided at `scale`)."""
@@ -173,6 +217,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="inpainting: --seed of the runs")
     p.add_argument("--equal-nfe", action="store_true", help="inpainting: only replacement with "
                    "RePaint's number of network calls")  # fmt: skip
+    p.add_argument("--methods", nargs="+", choices=("RePaint", "replacement"),
+                   default=["RePaint", "replacement"], help="inpainting: which to run")  # fmt: skip
+    p.add_argument(
+        "--solvers",
+        nargs="+",
+        metavar="SAMPLER:STEPS",
+        help="inpainting: only "
+        "DDPM replacement and replacement with these solvers, e.g. dpm++2m:10",
+    )
+    p.add_argument("--grid", default="karras", help="--solvers: their timestep grid")
+    p.add_argument("--paired", action="store_true", help="only compare the RePaint and "
+                   "replacement runs already in --out, image by image")  # fmt: skip
     p.add_argument("--figures", metavar="DOCS_IMAGES", help="only draw the docs' grids from --out")
     args = p.parse_args()
     out = Path(args.out)
@@ -180,8 +236,12 @@ def main() -> None:
     if args.figures:
         figures(out, Path(args.figures), args.translate_scale)
         return
-    test_images, test_labels = fashion_mnist.load(fashion_mnist.find(None), "t10k")
     judge = Judge(checkpoint.load_model("fmnist_judge")[0].eval())
+    if args.paired:
+        rows = paired(out, judge)
+        (out / "results_paired.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    test_images, test_labels = fashion_mnist.load(fashion_mnist.find(None), "t10k")
     log: list[str] = []
     result: dict = {"load_average_start": os.getloadavg(), "settings": vars(args)}
     start = time.perf_counter()
@@ -193,6 +253,12 @@ def main() -> None:
     result.update(commands=log, seconds=round(time.perf_counter() - start, 1),
                   load_average_end=os.getloadavg())  # fmt: skip
     tag = f"{args.only or 'all'}{'_equal_nfe' if args.equal_nfe else ''}{_seed_tag(args)}"
+    if args.solvers:
+        tag += "_solvers_" + "-".join(args.solvers)
+    if args.methods != ["RePaint", "replacement"]:
+        tag += "_" + "-".join(args.methods)
+    if args.inpaint_scales:
+        tag += "_iscales" + "-".join(f"{s:g}" for s in args.inpaint_scales)
     if args.translate_scales:
         tag += "_scales" + "-".join(f"{s:g}" for s in args.translate_scales)
     (out / f"results_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -84,7 +84,7 @@ def test_masks_of_all_ones_return_the_input(files, tmp_path):
     np.testing.assert_array_equal(_edits(tmp_path / "o"), np.load(files["images"])["arr_0"])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m-sde"])
 def test_a_mask_of_all_zeros_is_adm_sample_with_the_same_seeds(files, tmp_path, sampler):
     seeds = ["--seed", "3", "--batch-size", "4", "--sampler", sampler]
     assert _inpaint(files, tmp_path / "inpaint", *seeds, masks="zeros") == 0
@@ -95,13 +95,16 @@ def test_a_mask_of_all_zeros_is_adm_sample_with_the_same_seeds(files, tmp_path, 
     np.testing.assert_array_equal(_edits(tmp_path / "inpaint"), sampled)
 
 
-@pytest.mark.parametrize("command", ["inpaint", "edit"])
+@pytest.mark.parametrize("command", ["inpaint", "inpaint-unipc", "edit"])
 def test_images_are_the_same_at_batch_sizes_1_and_4(files, tmp_path, command):
     for bs in ("1", "4"):
         if command == "inpaint":
             rc = _inpaint(
                 files, tmp_path / bs, "--batch-size", bs, "--resample", "2", "--jump", "2"
             )
+        elif command == "inpaint-unipc":
+            rc = _inpaint(files, tmp_path / bs, "--batch-size", bs, "--sampler", "unipc",
+                          "--grid", "karras")  # fmt: skip
         else:
             rc = _edit(files, tmp_path / bs, "--batch-size", bs, "--strength", "0.6",
                        "--sampler", "ddpm")  # fmt: skip
@@ -188,6 +191,13 @@ def _bad_argv(files, command: str, extra, out: Path) -> list[str]:
         ("inpaint", ("--masks", "LEFT", "--resample", "0"), "--resample must be at least 1"),
         ("inpaint", ("--masks", "LEFT", "--sampler", "ddpm", "--eta", "0.5"),
          "sampler 'ddpm' has no option --eta"),
+        ("inpaint", ("--masks", "LEFT", "--sampler", "dpm++2m", "--resample", "10"),
+         "--resample 10: RePaint's resampling runs with ddpm or ddim; --sampler dpm++2m does "
+         "replacement only (--resample 1)"),
+        ("inpaint", ("--masks", "LEFT", "--sampler", "heun"), "--sampler heun: inpainting runs "
+         "with ddpm, ddim, dpm++2m, dpm++3m, dpm++2m-sde, unipc"),
+        ("inpaint", ("--masks", "LEFT", "--sampler", "dpm++2m", "--grid", "karras", "--steps",
+                     "ddim4"), "with a grid, steps is a number of steps"),
         ("edit", ("--strength", "0.1", "--sampler", "heun"), "'heun' needs at least 2 steps"),
         ("inpaint", ("--masks", "LEFT", "--images", "SMALL"), "images are 16x16x3, but the model"),
         ("inpaint", ("--masks", "LEFT", "--classes", "2"), "the model is unconditional"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -73,23 +74,29 @@ def test_q_step_after_q_sample_is_the_marginal_of_the_next_level():
     torch.testing.assert_close(from_first**2 + from_second**2, one * (1 - float(ac[4])))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def _resample(sampler: str, r: int) -> int:
+    """RePaint's r where the sampler can resample, 1 (replacement) for the multistep solvers."""
+    return r if sampler in inpaint.RESAMPLING_SAMPLERS else 1
+
+
+@pytest.mark.parametrize("sampler", inpaint.INPAINT_SAMPLERS)
 def test_known_region_is_the_input_exactly_and_an_all_ones_mask_returns_it(sampler):
     x0, mask, noise = _inputs()
     out = inpaint.inpaint_sample(_model_fn, _diff(), noise, x0, mask, sampler=sampler,
-                                 jump=3, resample=3, generator=_gens(4, 1),
+                                 jump=3, resample=_resample(sampler, 3), generator=_gens(4, 1),
                                  known_generator=_gens(4, 2))  # fmt: skip
     assert torch.equal(out[..., :3], x0[..., :3])
     assert not torch.equal(out[..., 3:], x0[..., 3:])
     full = inpaint.inpaint_sample(_model_fn, _diff(), noise, x0, torch.ones_like(mask),
-                                  sampler=sampler, resample=2, jump=3)  # fmt: skip
+                                  sampler=sampler, resample=_resample(sampler, 2),
+                                  jump=3)  # fmt: skip
     assert torch.equal(full, x0)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", inpaint.INPAINT_SAMPLERS)
 def test_an_all_zero_mask_is_plain_sampling_with_the_same_generators(sampler):
     x0, mask, noise = _inputs()
-    eta = {"eta": 0.5} if sampler == "ddim" else {}
+    eta = {"eta": 0.5} if sampler in ("ddim", "dpm++2m-sde") else {}
     out = inpaint.inpaint_sample(_model_fn, _diff(), noise, x0, torch.zeros_like(mask),
                                  sampler=sampler, generator=_gens(4, 1),
                                  known_generator=_gens(4, 2), **eta)  # fmt: skip
@@ -121,10 +128,12 @@ def test_resampling_once_is_replacement(jump):
     assert not torch.equal(resampled, expected)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", inpaint.INPAINT_SAMPLERS)
 def test_inpainting_does_not_depend_on_the_batch(sampler):
     x0, mask, noise = _inputs()
-    kw = dict(sampler=sampler, jump=2, resample=3, eta=1.0 if sampler == "ddim" else 0.0)
+    kw = dict(sampler=sampler, jump=2, resample=_resample(sampler, 3))
+    if sampler == "ddim":
+        kw["eta"] = 1.0
     whole = inpaint.inpaint_sample(_model_fn, _diff(), noise, x0, mask, generator=_gens(4, 1),
                                    known_generator=_gens(4, 2), **kw)  # fmt: skip
     ones = [
@@ -150,10 +159,37 @@ def test_guidance_reaches_the_unknown_region_only():
     assert (guided[..., 3:] - plain[..., 3:]).mean() > 0.1  # pushed up where it is free
 
 
-def test_only_ddpm_and_ddim_inpaint():
+@pytest.mark.parametrize("sampler", inpaint.REPLACEMENT_SAMPLERS)
+def test_the_solvers_see_the_forward_noised_input_at_every_grid_point(sampler):
+    x0, mask, noise = _inputs(2)
+    diff, seen = _diff("6"), []
+
+    def recording(x, t, **kw):
+        seen.append((x.clone(), int(t[0])))
+        return _model_fn(x, t, **kw)
+
+    out = inpaint.inpaint_sample(recording, diff, noise, x0, mask, sampler=sampler,
+                                 generator=_gens(2, 1), known_generator=_gens(2, 2))  # fmt: skip
+    timesteps = [int(t) for t in diff.schedule.timestep_map[::-1]]
+    assert [t for _, t in seen] == timesteps  # one network call per grid point
+    replay = _gens(2, 2)
+    for i, (x, _) in enumerate(seen):  # the known region: q(x_t | x0) with fresh noise each time
+        t = torch.full((2,), diff.num_steps - 1 - i)
+        expected = q_sample(diff, x0, t, draw_noise(x0, replay))
+        torch.testing.assert_close(x[..., :3], expected[..., :3], rtol=0, atol=1e-6)
+    assert torch.equal(out[..., :3], x0[..., :3])
+
+
+@pytest.mark.parametrize(("sampler", "resample", "message"), [
+    ("heun", 1, "inpainting runs with ddpm, ddim, dpm++2m"),
+    ("dpm++2m", 2, "RePaint's resampling runs with ddpm or ddim"),
+    ("unipc", 10, "--sampler unipc does replacement only"),
+])  # fmt: skip
+def test_resampling_is_ddpm_and_ddim_only_and_heun_does_not_inpaint(sampler, resample, message):
     x0, mask, noise = _inputs(1)
-    with pytest.raises(ValueError, match="ddpm or ddim"):
-        inpaint.inpaint_sample(_model_fn, _diff(), noise, x0, mask, sampler="dpm++2m")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        inpaint.inpaint_sample(_model_fn, _diff(), noise, x0, mask, sampler=sampler,
+                               resample=resample, jump=2)  # fmt: skip
 
 
 # ---- SDEdit ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 - `train`: `adm train`, `adm train-classifier`, `adm train-superres`
 - `checks`: argument checks shared by the commands (counts, ranges, writable folders)
 - `demo`: `adm demo`: classifier guidance on Fashion-MNIST with the bundled models
+- `demo_edit`: `adm demo --edit`: inpainting and SDEdit on Fashion-MNIST, judged
 - `sweep`: `adm sweep`: solver × grid × steps × guidance scale, each cell measured
 - `sweep_run`: the sweep's cells, checks, sampling with shared noise, resumable sweep.json
 - `sweep_subjects`: what a sweep samples and scores (bundled models + judge, or a checkpoint +

@@ -13,7 +13,7 @@ from pathlib import Path
 from adm._util.errors import UserError
 from adm.cli import checks
 from adm.cli import sample as cli_sample
-from adm.diffusion.names import SAMPLER_NAMES
+from adm.diffusion.names import GRID_NAMES, SAMPLER_NAMES
 
 INPAINT_EXAMPLES = """examples:
   adm inpaint --checkpoint fmnist_diffusion --images in.npz --masks right_half.npz \\
@@ -24,6 +24,8 @@ INPAINT_EXAMPLES = """examples:
       --classifier-scale 4 --classes labels --images in.npz --masks m.npz  (guided to arr_1)
   adm inpaint --checkpoint 256x256_diffusion_uncond.pt --images photos/ --masks masks/ \\
       --steps 250 --jump 10 --resample 10                        (RePaint's own setting)
+  adm inpaint --checkpoint fmnist_diffusion --images in.npz --masks m.npz \\
+      --sampler dpm++2m-sde --grid karras --steps 20             (fast replacement)
 """
 
 EDIT_EXAMPLES = """examples:
@@ -39,8 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="fill in masked regions of images (RePaint resampling or plain replacement)",
         description="Inpaint images where the mask is black: at every step the known region "
         "(mask white; grey levels >= 128) is replaced by the forward-noised input, and with "
-        "--resample r > 1 RePaint re-noises every --jump j steps and denoises again, r times. "
-        "DDPM or DDIM steps; classifier or classifier-free guidance towards --classes. The known "
+        "--resample r > 1 RePaint re-noises every --jump j steps and denoises again, r times "
+        "(DDPM or DDIM; the multistep solvers do replacement only). Classifier or "
+        "classifier-free guidance towards --classes. The known "
         "pixels of the output equal the input exactly. Writes edits_*.npz, grid.png (input | "
         "mask | output) and settings.json.",
         epilog=INPAINT_EXAMPLES,
@@ -49,13 +52,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--masks", help="npz (arr_0 [N or 1, H, W] uint8/bool) or folder of grey "
                    "images; white (>= 128) = keep")  # fmt: skip
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--steps", default="50", help="respacing: 50, ddim25, ... (default 50)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="ddpm or ddim "
+                   "(replacement and RePaint), dpm++2m, dpm++3m, dpm++2m-sde or unipc "
+                   "(replacement only); default ddpm")  # fmt: skip
+    p.add_argument("--steps", default="50", help="respacing: 50, ddim25, ... (default 50); "
+                   "with --grid, a number of steps")  # fmt: skip
+    p.add_argument("--grid", choices=GRID_NAMES, help="timestep grid for --steps N, as in "
+                   "adm sample (e.g. karras for dpm++2m)")  # fmt: skip
     p.add_argument("--jump", type=int, help="RePaint's jump length j (default: 10, or fewer "
                    "when there are fewer steps)")  # fmt: skip
     p.add_argument("--resample", type=int, default=1, help="RePaint's resamplings r (default "
                    "1: plain replacement; the paper uses 10)")  # fmt: skip
-    p.add_argument("--eta", type=float, help="ddim: eta (default 0)")
+    p.add_argument("--eta", type=float, help="ddim: eta (default 0); dpm++2m-sde: eta "
+                   "(default 1)")  # fmt: skip
+    p.add_argument("--order", type=int, help="unipc: order 2 or 3")
     p.set_defaults(func=_cmd_inpaint, mode="inpaint", run_folder="out", stops_cleanly=True)
 
     p = sub.add_parser(
@@ -163,16 +173,13 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace, preset, scale: float):
-    import dataclasses
-
-    from adm.diffusion.gaussian import Diffusion
     from adm.generate.edit import EditJob
+    from adm.generate.sample import diffusion_on_steps
 
     jump = getattr(args, "jump", None)
     if args.mode == "inpaint":
         try:
-            config = dataclasses.replace(preset.diffusion, timestep_respacing=args.steps)
-            steps = Diffusion.from_config(config).num_steps
+            steps = diffusion_on_steps(preset.diffusion, args.steps, args.grid).num_steps
         except ValueError as err:
             raise UserError(f"--steps {args.steps}: {err}") from None
         if jump is not None and (jump > steps or (args.resample > 1 and jump == steps)):
@@ -182,7 +189,8 @@ def _job(args: argparse.Namespace, preset, scale: float):
         jump = jump or min(10, max(1, steps - 1))
     try:
         job = EditJob(
-            mode=args.mode, sampler=args.sampler, steps=args.steps, jump=jump or 10,
+            mode=args.mode, sampler=args.sampler, steps=args.steps,
+            grid=getattr(args, "grid", None), jump=jump or 10,
             resample=getattr(args, "resample", 1), strength=getattr(args, "strength", 0.5),
             batch_size=args.batch_size, seed=args.seed, classifier_scale=scale,
             cfg_scale=args.cfg_scale, eta=args.eta, order=getattr(args, "order", None),

@@ -8,22 +8,31 @@ sample j steps with q(x_{t+1} | x_t) (Eq. 9) and denoises them again, r times in
 unknown region can harmonise with the known one. With r = 1 there are no jumps and the method is
 plain replacement. Respacing is data: the steps, jumps and one-step forward noise all live on the
 (respaced) diffusion's indices, β'_t being the respaced betas.
+
+The multistep solvers (DPM-Solver++, UniPC) do replacement only: the known region is set at every
+grid point before the network call and their history of x0 predictions is kept. Their updates act
+pixel by pixel, so the known region of the history only reaches known pixels, which the next grid
+point overwrites; the generated region's history stays that of one trajectory. A jump back up the
+chain would end that trajectory (docs/editing.md).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from adm.diffusion import registry
 from adm.diffusion.gaussian import Diffusion, Generators, ModelFn, draw_noise, q_sample
-from adm.diffusion.samplers import CondFn, DenoisedFn, ddim_step, ddpm_step
+from adm.diffusion.samplers import CondFn, DenoisedFn, KnownFn, ddim_step, ddpm_step
 
-InpaintSampler = Literal["ddpm", "ddim"]
-INPAINT_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+# one-step methods on x_t: replacement and RePaint's jumps
+RESAMPLING_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+# multistep solvers: replacement only (a jump would restart them at first order, i.e. DDIM)
+REPLACEMENT_SAMPLERS: tuple[str, ...] = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc")
+INPAINT_SAMPLERS: tuple[str, ...] = RESAMPLING_SAMPLERS + REPLACEMENT_SAMPLERS
 
 
 def jump_schedule(num_steps: int, jump: int, resample: int) -> list[int]:
@@ -84,6 +93,31 @@ def paste_known(x: Tensor, x0: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool().expand_as(x), x0, x)
 
 
+def known_region_fn(diff: Diffusion, x0: Tensor, mask: Tensor, generator: Generators) -> KnownFn:
+    """`known_fn(x, i)`: `replace_known` at respaced index i, with fresh noise from `generator`
+    at every call (as RePaint: the known region's noise is not the generated region's)."""
+
+    def known_fn(x: Tensor, i: int) -> Tensor:
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        return replace_known(diff, x, t, x0, mask, draw_noise(x, generator))
+
+    return known_fn
+
+
+def check_sampler(sampler: str, resample: int) -> None:
+    """ValueError unless `sampler` can inpaint, and resample (r > 1) only with DDPM or DDIM."""
+    if sampler not in INPAINT_SAMPLERS:
+        raise ValueError(
+            f"--sampler {sampler}: inpainting runs with {', '.join(INPAINT_SAMPLERS)} "
+            "(docs/editing.md: which samplers can inpaint)"
+        )
+    if resample > 1 and sampler not in RESAMPLING_SAMPLERS:
+        raise ValueError(
+            f"--resample {resample}: RePaint's resampling runs with ddpm or ddim; --sampler "
+            f"{sampler} does replacement only (--resample 1)"
+        )
+
+
 def inpaint_sample(
     model_fn: ModelFn,
     diff: Diffusion,
@@ -91,11 +125,10 @@ def inpaint_sample(
     x0: Tensor,
     mask: Tensor,
     *,
-    sampler: InpaintSampler = "ddpm",
+    sampler: str = "ddpm",
     jump: int = 10,
     resample: int = 1,
     timesteps: Sequence[int] | None = None,
-    eta: float = 0.0,
     cond_fn: CondFn | None = None,
     clip_denoised: bool = True,
     denoised_fn: DenoisedFn | None = None,
@@ -103,42 +136,43 @@ def inpaint_sample(
     generator: Generators = None,
     known_generator: Generators = None,
     progress: bool = False,
+    **options: float | None,
 ) -> Tensor:
     """Inpaint `x0` [N, C, H, W] in [-1, 1] where `mask` is 0, starting from x_T = `noise`.
 
-    `resample` = r, `jump` = j (RePaint); r = 1 is plain replacement. `sampler` takes each
-    denoising step ("ddim" with `eta`). Guidance (`cond_fn`, a classifier-free `model_fn`) applies
-    to the whole image as in sampling. The step noise comes from `generator` (as the sampler's),
-    the known region's and the jumps' noise from `known_generator`, so that an all-zero mask with
-    r = 1 reproduces plain sampling from the same generators. The known region of the result is
-    `x0` exactly (in float; quantise with the mask too, see `adm.generate.edit`).
+    `resample` = r, `jump` = j (RePaint, DDPM or DDIM); r = 1 is plain replacement, which every
+    sampler of `INPAINT_SAMPLERS` does. `options`: the sampler's own (`eta`, `order`). Guidance
+    (`cond_fn`, a classifier-free `model_fn`) applies to the whole image as in sampling. The
+    step noise comes from `generator` (as the sampler's), the known region's and the jumps' noise
+    from `known_generator`, so that an all-zero mask with r = 1 reproduces plain sampling from
+    the same generators. The known region of the result is `x0` exactly (in float; quantise with
+    the mask too, see `adm.generate.edit`).
     """
-    if sampler not in INPAINT_SAMPLERS:
-        raise ValueError(
-            f"inpainting runs with {' or '.join(INPAINT_SAMPLERS)}, not {sampler!r} "
-            "(docs/editing.md: which samplers can resample)"
-        )
+    check_sampler(sampler, resample)
     if timesteps is not None:
         diff = diff.with_timesteps(timesteps)
     mask = mask.to(x0.dtype)
     x0 = x0.contiguous()  # x_t takes x0's memory layout through the replacement
-    times = jump_schedule(diff.num_steps, jump, resample)
+    known_fn = known_region_fn(diff, x0, mask, known_generator)
+    common = dict(cond_fn=cond_fn, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                  model_kwargs=model_kwargs, generator=generator)  # fmt: skip
+    if sampler in REPLACEMENT_SAMPLERS:
+        x = registry.sample(sampler, model_fn, diff, noise, known_fn=known_fn, progress=progress,
+                            **common, **options)  # fmt: skip
+        return paste_known(x, x0, mask)
+    registry.check_options(sampler, **options)
     step = ddpm_step if sampler == "ddpm" else ddim_step
-    options = {"eta": eta} if sampler == "ddim" else {}
+    options = {k: v for k, v in options.items() if v is not None}
     x = noise
-    pairs = list(itertools.pairwise(times))
+    pairs = list(itertools.pairwise(jump_schedule(diff.num_steps, jump, resample)))
     for a, b in steps_of_pairs(pairs, progress):
-        t = torch.full((x.shape[0],), a if b < a else b, dtype=torch.long, device=x.device)
         with torch.no_grad():
             if b > a:  # back up the chain: x_b ~ q(x_b | x_a)
+                t = torch.full((x.shape[0],), b, dtype=torch.long, device=x.device)
                 x = q_step(diff, x, t, draw_noise(x, known_generator))
                 continue
-            x = replace_known(diff, x, t, x0, mask, draw_noise(x, known_generator))
-            x, _ = step(
-                model_fn, diff, x, t, generator=generator, cond_fn=cond_fn,
-                clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
-                **options,
-            )  # fmt: skip
+            t = torch.full((x.shape[0],), a, dtype=torch.long, device=x.device)
+            x, _ = step(model_fn, diff, known_fn(x, a), t, **common, **options)
     return paste_known(x, x0, mask)
 
 

@@ -34,6 +34,8 @@ from adm.diffusion.gaussian import (
 
 CondFn = Callable[..., Tensor]
 DenoisedFn = Callable[[Tensor], Tensor]
+# x at respaced index i -> x with part of it set (inpainting's known region)
+KnownFn = Callable[[Tensor, int], Tensor]
 
 
 class SampleStep(NamedTuple):

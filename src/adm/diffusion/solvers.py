@@ -11,7 +11,8 @@ prediction, as DDIM does. Orders are lowered at the start (too little history) a
 Guidance as for DDIM: `cond_fn` shifts the noise (Algorithm 2 of Dhariwal & Nichol 2021) inside
 `denoise`, classifier-free guidance wraps `model_fn`; `clip_denoised`/`denoised_fn` (e.g.
 `dynamic_threshold`) act on x0. Drive your own loop with `denoise` + `dpm_solver_update` /
-`dpm_solver_sde_update` / `unipc_update`.
+`dpm_solver_sde_update` / `unipc_update`. `known_fn(x, i)`, when given, rewrites x at every grid
+point i before the network sees it (replacement inpainting, `adm.diffusion.inpaint`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from adm.diffusion.gaussian import Diffusion, Generators, ModelFn, draw_noise
 from adm.diffusion.samplers import (
     CondFn,
     DenoisedFn,
+    KnownFn,
     SampleStep,
     condition_score,
     last_sample,
@@ -128,6 +130,7 @@ def dpm_solver_sample_progressive(
     model_kwargs: dict | None = None,
     generator: Generators = None,
     progress: bool = False,
+    known_fn: KnownFn | None = None,
 ) -> Iterator[SampleStep]:
     """DPM-Solver++ (multistep, data prediction; order 1 = DDIM η=0, 2 = 2M, 3 = 3M) from
     x_T = `noise`. Deterministic: `generator` is accepted for a uniform signature and unused."""
@@ -136,6 +139,7 @@ def dpm_solver_sample_progressive(
         diff = diff.with_timesteps(timesteps)
     x, history = noise, []
     for i in steps_of(diff, progress, f"DPM-Solver++({order}M)"):
+        x = x if known_fn is None else known_fn(x, i)
         x0 = denoise(
             model_fn, diff, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
             denoised_fn=denoised_fn, model_kwargs=model_kwargs,
@@ -192,6 +196,7 @@ def dpm_solver_sde_sample_progressive(
     generator: Generators = None,
     step_noises: Tensor | Sequence[Tensor] | None = None,
     progress: bool = False,
+    known_fn: KnownFn | None = None,
 ) -> Iterator[SampleStep]:
     """DPM-Solver++(2M) SDE from x_T = `noise`; fresh noise at every update comes from
     `step_noises[k]` or `generator` (one per sample: independent of the batch)."""
@@ -202,6 +207,7 @@ def dpm_solver_sde_sample_progressive(
         diff = diff.with_timesteps(timesteps)
     x, history = noise, []
     for k, i in enumerate(steps_of(diff, progress, "DPM-Solver++(2M) SDE")):
+        x = x if known_fn is None else known_fn(x, i)
         x0 = denoise(
             model_fn, diff, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
             denoised_fn=denoised_fn, model_kwargs=model_kwargs,
@@ -287,6 +293,7 @@ def unipc_sample_progressive(
     model_kwargs: dict | None = None,
     generator: Generators = None,
     progress: bool = False,
+    known_fn: KnownFn | None = None,
 ) -> Iterator[SampleStep]:
     """UniPC-bh2 (order 2 or 3) from x_T = `noise`: at each grid point the new x0 corrects the
     previous step (UniC), then the predictor (UniP) takes the next step. Deterministic."""
@@ -295,6 +302,7 @@ def unipc_sample_progressive(
         diff = diff.with_timesteps(timesteps)
     x, history, last = noise, [], None  # last = (x before the step, its history, its order)
     for i in steps_of(diff, progress, f"UniPC-{order}"):
+        x = x if known_fn is None else known_fn(x, i)
         x0 = denoise(
             model_fn, diff, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
             denoised_fn=denoised_fn, model_kwargs=model_kwargs,

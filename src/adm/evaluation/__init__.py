@@ -9,4 +9,5 @@
 - `metrics`: Fréchet distance, Inception Score (and std), improved precision/recall, KID
 - `evaluate`: `adm eval`/`adm stats`: the chosen metrics of two inputs, reference batches
 - `judge`: a clean-image classifier as the Inception stand-in of small experiments (demo, sweep)
+- `edits`: scores of inpainted images: the regenerated region's error and the seam
 """

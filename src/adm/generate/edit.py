@@ -29,20 +29,22 @@ from adm._util.atomic import atomic_path
 from adm.diffusion import guidance, inpaint, registry, sdedit
 from adm.diffusion.gaussian import Diffusion, DiffusionConfig, draw_noise
 from adm.generate.edit_io import edit_grid
-from adm.generate.sample import prepare_output, sample_generator, to_uint8
+from adm.generate.sample import diffusion_on_steps, prepare_output, sample_generator, to_uint8
 
 EditMode = Literal["inpaint", "sdedit"]
 
 
 @dataclass(frozen=True)
 class EditJob:
-    """What to do to every image. Inpainting: `steps` is a respacing string ("50", "ddim25") and
-    `sampler` DDPM or DDIM, `jump`/`resample` RePaint's j and r (r = 1: replacement). SDEdit:
-    `steps` is the number of steps of a whole-chain run, `strength` S, any sampler."""
+    """What to do to every image. Inpainting: `steps` is a respacing string ("50", "ddim25"), or
+    with `grid` a number of steps on that grid; `jump`/`resample` RePaint's j and r (r = 1:
+    replacement, the only choice of the multistep solvers). SDEdit: `steps` is the number of
+    steps of a whole-chain run, `strength` S, any sampler."""
 
     mode: EditMode = "inpaint"
     sampler: str = "ddpm"
     steps: str = "50"
+    grid: str | None = None
     jump: int = 10
     resample: int = 1
     strength: float = 0.5
@@ -57,11 +59,8 @@ class EditJob:
     clip_denoised: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode == "inpaint" and self.sampler not in inpaint.INPAINT_SAMPLERS:
-            raise ValueError(
-                f"--sampler {self.sampler}: inpainting runs with ddpm or ddim (the multistep "
-                "solvers cannot resample; docs/editing.md)"
-            )
+        if self.mode == "inpaint":
+            inpaint.check_sampler(self.sampler, self.resample)
         registry.check_options(self.sampler, **self.sampler_options)
         if self.batch_size < 1 or self.seed < 0:
             raise ValueError("--batch-size must be positive and --seed non-negative")
@@ -72,6 +71,8 @@ class EditJob:
             sdedit.check_strength(self.strength)
             if not self.steps.isdigit() or int(self.steps) < 1:
                 raise ValueError(f"--steps {self.steps!r}: adm edit takes a number of steps")
+            if self.grid is not None:
+                raise ValueError("--grid: adm edit spaces its steps evenly from t = S*T")
 
     @property
     def sampler_options(self) -> dict[str, float | int]:
@@ -83,14 +84,17 @@ class EditJob:
         it; SDEdit: the diffusion itself (the edit picks its own timesteps)."""
         if self.mode == "sdedit":
             return Diffusion.from_config(config)
-        diff = Diffusion.from_config(dataclasses.replace(config, timestep_respacing=self.steps))
+        diff = diffusion_on_steps(config, self.steps, self.grid)
         inpaint.jump_schedule(diff.num_steps, self.jump, self.resample)  # jump < steps
         return diff
 
     def nfe(self, config: DiffusionConfig) -> int:
         """Network calls per image batch."""
         if self.mode == "inpaint":
-            return inpaint.network_calls(self.diffusion(config).num_steps, self.jump, self.resample)
+            steps = self.diffusion(config).num_steps
+            if self.sampler in inpaint.RESAMPLING_SAMPLERS:
+                return inpaint.network_calls(steps, self.jump, self.resample)
+            return registry.nfe(self.sampler, steps)
         ts = sdedit.edit_timesteps(self.sampler, config.steps, self.strength, int(self.steps))
         return registry.nfe(self.sampler, len(ts)) if ts else 0
 
@@ -161,7 +165,7 @@ def edit_batch(
     known = [sample_generator(job.seed, i, 2, device) for i in indices]
     out = inpaint.inpaint_sample(
         model_fn, diff, noise, x0, mask, sampler=job.sampler, jump=job.jump,
-        resample=job.resample, eta=job.eta or 0.0, known_generator=known, **common,
+        resample=job.resample, known_generator=known, **common, **job.sampler_options,
     )  # fmt: skip
     return np.where(keep[..., None], x0_u8, to_uint8(out))
 

@@ -77,15 +77,7 @@ class SampleJob:
 
     def diffusion(self, config: DiffusionConfig) -> Diffusion:
         """The diffusion of `config` on this job's steps: a respacing string or a named grid."""
-        if self.grid is None:
-            return Diffusion.from_config(dataclasses.replace(config, timestep_respacing=self.steps))
-        try:
-            count = int(self.steps)
-        except ValueError:
-            raise ValueError(
-                f"with a grid, steps is a number of steps (e.g. 20), got {self.steps!r}"
-            ) from None
-        return Diffusion.from_config(config).grid(self.grid, count)
+        return diffusion_on_steps(config, self.steps, self.grid)
 
     def num_steps(self, config: DiffusionConfig) -> int:
         """How many timesteps the sampler visits."""
@@ -94,6 +86,19 @@ class SampleJob:
     def nfe(self, config: DiffusionConfig) -> int:
         """Network calls per image batch (`adm.diffusion.registry.nfe`)."""
         return registry.nfe(self.sampler, self.num_steps(config))
+
+
+def diffusion_on_steps(config: DiffusionConfig, steps: str, grid: str | None) -> Diffusion:
+    """The diffusion of `config` respaced to `steps` (the original's respacing string), or with
+    `grid` (a name of `adm.diffusion.grids`) to `steps` timesteps of that grid."""
+    if grid is None:
+        return Diffusion.from_config(dataclasses.replace(config, timestep_respacing=steps))
+    try:
+        count = int(steps)
+    except ValueError:
+        message = f"with a grid, steps is a number of steps (e.g. 20), got {steps!r}"
+        raise ValueError(message) from None
+    return Diffusion.from_config(config).grid(grid, count)
 
 
 def sample_generator(seed: int, index: int, stream: int, device: torch.device) -> torch.Generator:
