@@ -8,4 +8,5 @@ run-time settings.
 - `runtime`: device, precision (torch.amp), channels_last, compile
 - `digest`: SHA-256 of files (a checkpoint's identity)
 - `errors`: UserError: bad input shown as one line
+- `npz`: user `.npz` files read with every header checked before numpy allocates
 """
