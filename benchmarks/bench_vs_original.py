@@ -6,7 +6,9 @@ outputs must agree (max |adm - original| <= 1e-4 x max |original|) before anythi
 each measurement runs as interleaved pairs in one process (warm-up, then adm, original, adm,
 original, ...), and the report gives the median ratio original time / adm time (> 1: adm faster)
 over the undisturbed pairs, its min-max and interquartile range, the number of disturbed pairs (a
-side more than 1.25x its own best, benchmarks/timing.py), the load average and the CPU capability.
+side more than 1.25x its own best, benchmarks/timing.py), the median ratio of process CPU times
+(not inflated by other processes' load; with `--threads 1` an estimate of the undisturbed ratio),
+the load average and the CPU capability.
 
 Measurements are KIND:NETWORK:BATCH. Kinds: `fwd` (no_grad forward), `fwdbwd` (forward, mean
 square loss, backward into the weights), `guided` (classifier-guided DDIM loop, `--steps`; adm's
@@ -46,6 +48,7 @@ from adm.diffusion import guidance, samplers
 from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 from adm.diffusion.schedule import space_timesteps
 from adm.models.presets import build_model, get_preset
+from adm.nets import nn as adm_nn
 
 TOLERANCE = 1e-4  # max |adm - original| relative to max |original|
 KINDS = ("fwd", "fwdbwd", "guided", "mem")
@@ -101,30 +104,54 @@ class Measure:
         return f"{self.kind}:{self.network}:{self.batch}"
 
 
+@dataclass(frozen=True)
+class AdmOptions:
+    """How adm's networks are prepared: `prepare_model`'s default memory format unless
+    `channels_last` is set; attention recomputed in backward (as the original always does) when
+    `checkpoint_attention` and adm has `adm.nets.nn.set_attention_checkpointing`."""
+
+    channels_last: bool | None = None
+    checkpoint_attention: bool = False
+
+    def prepare(self, net: torch.nn.Module, device: torch.device, trainable: bool = False):
+        net = prepare_model(
+            net, device=device, channels_last=self.channels_last, trainable=trainable
+        )
+        if self.checkpoint_attention:
+            adm_nn.set_attention_checkpointing(net, True)  # checked by parse_args
+        return net
+
+    def argv(self) -> list[str]:
+        return ["--channels-last"] * bool(self.channels_last) + [
+            "--checkpoint-attention"
+        ] * self.checkpoint_attention
+
+
 class Pairs:
     """Both implementations of every network used, built once, weights copied, outputs checked."""
 
-    def __init__(self, script_util, device: torch.device) -> None:
-        self.script_util, self.device = script_util, device
+    def __init__(self, script_util, device: torch.device, options: AdmOptions) -> None:
+        self.script_util, self.device, self.options = script_util, device, options
         self.built: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
         self.agreement: dict[str, float] = {}
 
     def get(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(adm network, original network) on the device, adm prepared as for inference."""
         if name not in self.built:
-            self.built[name] = build_pair(self.script_util, NETWORKS[name]().config, self.device)
+            config = NETWORKS[name]().config
+            self.built[name] = build_pair(self.script_util, config, self.device, self.options)
             self.agreement[name] = check_agreement(*self.built[name], NETWORKS[name]().config)
         return self.built[name]
 
 
-def build_pair(script_util, config: NetworkConfig, device: torch.device):
+def build_pair(script_util, config: NetworkConfig, device: torch.device, options: AdmOptions):
     torch.manual_seed(0)
     original = original_code.build_original(script_util, config)
     ours = build_model(config)
     problems = original_code.copy_weights(original, ours)
     if problems:
         raise SystemExit(f"state dicts differ ({len(problems)} keys): " + "; ".join(problems[:5]))
-    return prepare_model(ours, device=device), original.to(device)
+    return options.prepare(ours, device), original.to(device)
 
 
 def inputs(config: NetworkConfig, batch: int, device: torch.device, seed: int = 0):
@@ -215,13 +242,15 @@ def guided_calls(pairs: Pairs, m: Measure, steps: str, scale: float) -> dict:
 # ---- memory ---------------------------------------------------------------------------------
 
 
-def memory_of_step(impl: str, m: Measure, script_util, device: torch.device) -> dict[str, float]:
+def memory_of_step(
+    impl: str, m: Measure, script_util, device: torch.device, options: AdmOptions
+) -> dict[str, float]:
     """Peak memory (MB) of the first forward+backward of a fresh network: CPU peak RSS (and the
     RSS just before the step), CUDA max_memory_allocated (and memory allocated before)."""
     config = NETWORKS[m.network]().config
     torch.manual_seed(0)
     if impl == "adm":
-        net = prepare_model(build_model(config), device=device, trainable=True)
+        net = options.prepare(build_model(config), device, trainable=True)
     else:
         net = original_code.build_original(script_util, config).to(device)
     x, t, kwargs = inputs(config, m.batch, device)
@@ -234,17 +263,19 @@ def memory_of_step(impl: str, m: Measure, script_util, device: torch.device) -> 
     return {"before_mb": before, "peak_mb": peak, "step_mb": peak - before}
 
 
-def memory_pair(m: Measure, args: argparse.Namespace, script_util, device) -> dict[str, dict]:
+def memory_pair(m: Measure, args: argparse.Namespace, pairs: Pairs) -> dict[str, dict]:
     """Both implementations' `memory_of_step`; on the CPU each in a fresh subprocess (same
     imports, same start), alternating, `--memory-repeats` times, the smallest peak kept."""
     out: dict[str, list[dict]] = {"adm": [], "original": []}
     for _ in range(args.memory_repeats):
         for impl in out:
-            if device.type == "cuda":
-                out[impl].append(memory_of_step(impl, m, script_util, device))
+            if pairs.device.type == "cuda":
+                step = memory_of_step(impl, m, pairs.script_util, pairs.device, pairs.options)
+                out[impl].append(step)
                 continue
             command = [sys.executable, __file__, "--memory-child", impl, "--measure", str(m)]
             command += ["--original", args.original_root, "--threads", str(torch.get_num_threads())]
+            command += pairs.options.argv()
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
                 raise SystemExit(f"memory subprocess ({impl}) failed: {done.stderr.strip()[-300:]}")
@@ -262,6 +293,7 @@ def summarise(t: dict[str, timing.Timings]) -> dict:
     bad = [x or y for x, y in zip(a.disturbed, o.disturbed, strict=True)]
     keep = [i for i, b in enumerate(bad) if not b] or list(range(len(bad)))
     ratios = [o.times[i] / a.times[i] for i in keep]
+    cpu_ratios = [oc / ac for ac, oc in zip(a.cpu, o.cpu, strict=True)]
     q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
     return {
         "ratio": statistics.median(ratios),
@@ -270,6 +302,7 @@ def summarise(t: dict[str, timing.Timings]) -> dict:
         "ratio_iqr": [q[0], q[-1]],
         "disturbed": sum(bad),
         "pairs": len(bad),
+        "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
         "adm_s": statistics.median(a.times[i] for i in keep),
         "original_s": statistics.median(o.times[i] for i in keep),
         "adm_times": a.times,
@@ -281,16 +314,16 @@ def run_measure(m: Measure, args: argparse.Namespace, pairs: Pairs) -> dict:
     ours, _ = pairs.get(m.network)  # built and checked before anything is timed
     out: dict = {"measure": str(m), "params": sum(p.numel() for p in ours.parameters())}
     if m.kind == "mem":
-        out["memory"] = memory_pair(m, args, pairs.script_util, pairs.device)
+        out["memory"] = memory_pair(m, args, pairs)
         return out
     if m.kind == "guided":
         calls = guided_calls(pairs, m, args.steps, args.scale)
         out["sample_max_abs_diff"] = calls.pop("sample_max_abs_diff")
-        repeats = args.repeats_guided
+        repeats, warmup = args.repeats_guided, max(args.warmup - 1, 0)  # the check warmed up
     else:
         calls = (forward_calls if m.kind == "fwd" else backward_calls)(pairs, m)
-        repeats = args.repeats
-    out.update(summarise(timing.interleaved(calls, repeats, warmup=args.warmup)))
+        repeats, warmup = args.repeats, args.warmup
+    out.update(summarise(timing.interleaved(calls, repeats, warmup=warmup)))
     return out
 
 
@@ -310,10 +343,11 @@ def _row(r: dict) -> str:
         f" (samples differ by {r['sample_max_abs_diff']:.1e})" if "sample_max_abs_diff" in r else ""
     )
     lo, hi = r["ratio_iqr"]
+    cpu = "" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}"
     return (
         f"| {r['measure']}{note} | {r['params'] / 1e6:.1f} M | {r['adm_s']:.3f} "
         f"| {r['original_s']:.3f} | **{r['ratio']:.2f}** | {r['ratio_min']:.2f}-"
-        f"{r['ratio_max']:.2f} | {lo:.2f}-{hi:.2f} | {r['disturbed']}/{r['pairs']} |"
+        f"{r['ratio_max']:.2f} | {lo:.2f}-{hi:.2f} | {r['disturbed']}/{r['pairs']} | {cpu} |"
     )
 
 
@@ -335,8 +369,8 @@ def report(results: list[dict], pairs: Pairs, env: dict) -> str:
         + ", ".join(f"{k} {v:.1e}" for k, v in pairs.agreement.items()),
         "",
         "| measurement | params | adm s | original s | original/adm (median) | min-max | IQR "
-        "| disturbed pairs |",
-        "|---|---:|---:|---:|---:|---|---|---:|",
+        "| disturbed pairs | by CPU time (all pairs) |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     lines += [_row(r) for r in results if "memory" not in r]
     lines += [_memory_line(r, pairs.device.type == "cuda") for r in results if "memory" in r]
@@ -381,6 +415,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="classifier scale of the guided loop")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--channels-last", action="store_true", help="adm's networks in NHWC")
+    p.add_argument(
+        "--checkpoint-attention",
+        action="store_true",
+        help="adm recomputes attention in backward, as the original does (if adm supports it)",
+    )
     p.add_argument("--json", default=None, help="also write the raw figures here")
     p.add_argument("--memory-child", choices=["adm", "original"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -399,6 +439,8 @@ def _check(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.checkpoint_attention and not hasattr(adm_nn, "set_attention_checkpointing"):
+        raise ValueError("--checkpoint-attention: this adm has no set_attention_checkpointing")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
     try:
@@ -424,11 +466,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     script_util = original_code.import_original(root)
+    options = AdmOptions(args.channels_last or None, args.checkpoint_attention)
     if args.memory_child:
-        print(json.dumps(memory_of_step(args.memory_child, args.measure[0], script_util, device)))
+        step = memory_of_step(args.memory_child, args.measure[0], script_util, device, options)
+        print(json.dumps(step))
         return 0
     env = {"before": timing.machine(), "command": " ".join(["python", *sys.argv])}
-    pairs = Pairs(script_util, device)
+    pairs = Pairs(script_util, device, options)
     results = []
     for m in args.measure:
         results.append(run_measure(m, args, pairs))

@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ SLOWER = 1.25
 @dataclass(frozen=True)
 class Timings:
     times: list[float]  # seconds of each repetition after the warm-up
+    cpu: list[float] = field(default_factory=list)  # the process's CPU seconds, when recorded
 
     @property
     def best(self) -> float:
@@ -65,14 +66,19 @@ def interleaved(
     calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, Timings]:
     """`warmup` rounds, then `repeats` rounds of every call in turn (round k of each call is
-    the k-th pair/tuple), so that load from other jobs falls on all of them alike."""
+    the k-th pair/tuple), so that load from other jobs falls on all of them alike. Each timing
+    also records the process's CPU time, which time taken by other processes does not inflate
+    (with one thread it estimates the undisturbed wall time)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
         for name, fn in calls.items():
+            start = time.process_time()
             elapsed = time_call(fn)
             if round_ >= warmup:
                 times[name].append(elapsed)
-    return {name: Timings(t) for name, t in times.items()}
+                cpu[name].append(time.process_time() - start)
+    return {name: Timings(times[name], cpu[name]) for name in calls}
 
 
 def machine() -> dict[str, object]:

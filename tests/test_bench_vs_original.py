@@ -70,10 +70,10 @@ def test_unknown_option_is_one_line(capsys):
 
 
 def test_ratio_statistics_leave_out_disturbed_pairs():
-    adm = timing.Timings([1.0, 1.0, 1.0, 3.0])  # the last pair is disturbed (adm side)
-    original = timing.Timings([1.2, 1.4, 1.3, 1.2])
+    adm = timing.Timings([1.0, 1.0, 1.0, 3.0], cpu=[1.0, 1.0, 1.0, 1.0])  # the last pair disturbed
+    original = timing.Timings([1.2, 1.4, 1.3, 1.2], cpu=[1.0, 1.5, 2.0, 2.5])
     s = bench.summarise({"adm": adm, "original": original})
-    assert s["disturbed"] == 1 and s["pairs"] == 4
+    assert s["disturbed"] == 1 and s["pairs"] == 4 and s["cpu_ratio"] == pytest.approx(1.75)
     assert s["ratio"] == pytest.approx(1.3)
     assert (s["ratio_min"], s["ratio_max"]) == pytest.approx((1.2, 1.4))
     assert s["ratio_iqr"] == pytest.approx([1.25, 1.35])
