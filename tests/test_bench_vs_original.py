@@ -121,7 +121,7 @@ def test_comparison_against_the_original_on_tiny_networks(tmp_path):
 def test_a_weight_that_differs_fails_the_agreement_check():
     script_util = original_code.import_original(original_code.find_original(ORIGINAL))
     config = bench.NETWORKS["tiny_classifier"]().config
-    ours, original = bench.build_pair(script_util, config, torch.device("cpu"))
+    ours, original = bench.build_pair(script_util, config, torch.device("cpu"), bench.AdmOptions())
     assert bench.check_agreement(ours, original, config) <= bench.TOLERANCE
     with torch.no_grad():
         next(original.parameters()).mul_(1.01)
