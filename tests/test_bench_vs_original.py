@@ -162,3 +162,15 @@ def test_gpu_check_writes_before_the_marker(tmp_path):
     text = results.read_text()
     assert text.index("### run 1") < text.index("### run 2") < text.index(gpu_check.MARKER)
     assert text.index(gpu_check.MARKER) < text.index("## older")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_completes(tmp_path):
+    import gpu_check
+
+    out = tmp_path / "dry.md"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "300"]) == 0
+    text = out.read_text()
+    assert "FAILED" not in text and "failed:" not in text
+    for title in ("golden networks", "sampling throughput", "forward MFU", "training throughput"):
+        assert title in text
