@@ -122,9 +122,12 @@ class AdmOptions:
         return net
 
     def argv(self) -> list[str]:
-        return ["--channels-last"] * bool(self.channels_last) + [
-            "--checkpoint-attention"
-        ] * self.checkpoint_attention
+        """The same options for a subprocess."""
+        on = {
+            "--channels-last": self.channels_last,
+            "--checkpoint-attention": self.checkpoint_attention,
+        }
+        return [flag for flag, value in on.items() if value]
 
 
 class Pairs:
@@ -140,7 +143,7 @@ class Pairs:
         if name not in self.built:
             config = NETWORKS[name]().config
             self.built[name] = build_pair(self.script_util, config, self.device, self.options)
-            self.agreement[name] = check_agreement(*self.built[name], NETWORKS[name]().config)
+            self.agreement[name] = check_agreement(*self.built[name], config)
         return self.built[name]
 
 

@@ -351,7 +351,7 @@ def header(device: torch.device, args: argparse.Namespace) -> str:
     card = m.get("gpu", "no GPU (CPU dry run)")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"### GPU check, {when}: {card}\n\n"
+        f"#### GPU check, {when}: {card}\n\n"
         f"Command: `{' '.join(['benchmarks/gpu_check.sh', *args.argv])}`; torch {m['torch']}, "
         f"CUDA {m.get('cuda', 'none')}, device {device}; CPU {m['cpu']}, capability "
         f"{m['cpu_capability']}, {m['threads']} threads; load average {m['load_average']}."
