@@ -239,7 +239,8 @@ def sampling_throughput(
 ) -> str:
     lines = [
         f"{sizes.diffusion} + {sizes.classifier}, guided {sizes.steps}, batch {sizes.batch}, "
-        "random weights; img/s = batch / best loop time",
+        "random weights; img/s = batch / best loop time; TF32 as PyTorch's defaults (cuDNN "
+        f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32})",
         "",
         "| variant | img/s | best loop s | loops (s; * disturbed) | first loop s (compile) |",
         "|---|---:|---:|---|---:|",
