@@ -48,7 +48,7 @@ from adm.diffusion import guidance, samplers
 from adm.diffusion.gaussian import Diffusion, DiffusionConfig
 from adm.diffusion.schedule import space_timesteps
 from adm.models.presets import build_model, get_preset
-from adm.nets import nn as adm_nn
+from adm.nets import unet as adm_unet
 
 TOLERANCE = 1e-4  # max |adm - original| relative to max |original|
 KINDS = ("fwd", "fwdbwd", "guided", "mem")
@@ -108,7 +108,7 @@ class Measure:
 class AdmOptions:
     """How adm's networks are prepared: `prepare_model`'s default memory format unless
     `channels_last` is set; attention recomputed in backward (as the original always does) when
-    `checkpoint_attention` and adm has `adm.nets.nn.set_attention_checkpointing`."""
+    `checkpoint_attention` and adm has `adm.nets.unet.set_attention_checkpointing`."""
 
     channels_last: bool | None = None
     checkpoint_attention: bool = False
@@ -118,7 +118,7 @@ class AdmOptions:
             net, device=device, channels_last=self.channels_last, trainable=trainable
         )
         if self.checkpoint_attention:
-            adm_nn.set_attention_checkpointing(net, True)  # checked by parse_args
+            adm_unet.set_attention_checkpointing(net, True)  # checked by parse_args
         return net
 
     def argv(self) -> list[str]:
@@ -445,7 +445,7 @@ def _check(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.checkpoint_attention and not hasattr(adm_nn, "set_attention_checkpointing"):
+    if args.checkpoint_attention and not hasattr(adm_unet, "set_attention_checkpointing"):
         raise ValueError("--checkpoint-attention: this adm has no set_attention_checkpointing")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
