@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import timing
@@ -46,21 +45,6 @@ def _pytorch_fid(device: torch.device):
     return model.eval().requires_grad_(False).to(device), None
 
 
-def _interleaved(calls: dict, repeats: int) -> dict[str, timing.Timings]:
-    """Each call once as warm-up, then `repeats` rounds of every call in turn, so that load from
-    other jobs falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(repeats + 1):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: timing.Timings(t) for name, t in times.items()}
-
-
 def bench_extraction(args, device: torch.device) -> None:
     runs = max(1, args.images // args.batch_size)
     n = runs * args.batch_size
@@ -82,7 +66,7 @@ def bench_extraction(args, device: torch.device) -> None:
         calls = {name: (lambda m=m: adm(m)) for name, m in models.items()}
         if peer is not None:
             calls["pytorch-fid"] = pytorch_fid
-        timed = _interleaved(calls, args.repeats)
+        timed = timing.interleaved(calls, args.repeats)
         for name, t in timed.items():
             print(f"extraction {size}x{size} -> 299, batch {args.batch_size}, {device}, {name}: "
                   f"{n / t.mean:.2f} images/s  (repeats {t.describe()} s)")  # fmt: skip

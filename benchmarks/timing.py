@@ -1,14 +1,18 @@
 """Repeated timings for the benchmark scripts, with repetitions disturbed by other load flagged.
 
 The machines these run on are shared: a repetition more than `SLOWER` times the fastest one is
-marked disturbed and left out of the mean rather than averaged in.
+marked disturbed and left out of the mean rather than averaged in. `interleaved` times several
+calls in turn (A, B, A, B, ...) so that load from other jobs falls on all of them alike, and
+`machine()` describes what every figure must be read with: load average, CPU capability, threads.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +22,7 @@ SLOWER = 1.25
 @dataclass(frozen=True)
 class Timings:
     times: list[float]  # seconds of each repetition after the warm-up
+    cpu: list[float] = field(default_factory=list)  # the process's CPU seconds, when recorded
 
     @property
     def best(self) -> float:
@@ -43,13 +48,55 @@ class Timings:
 def repeat(fn: Callable[[], object], repeats: int) -> Timings:
     """Time `fn` `repeats` times after one warm-up call (CUDA work included)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return Timings(times)
+    return Timings([time_call(fn) for _ in range(repeats)])
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Seconds of one call (CUDA work included)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, Timings]:
+    """`warmup` rounds, then `repeats` rounds of every call in turn (round k of each call is
+    the k-th pair/tuple), so that load from other jobs falls on all of them alike. Each timing
+    also records the process's CPU time, which time taken by other processes does not inflate
+    (with one thread it estimates the undisturbed wall time)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, fn in calls.items():
+            start = time.process_time()
+            elapsed = time_call(fn)
+            if round_ >= warmup:
+                times[name].append(elapsed)
+                cpu[name].append(time.process_time() - start)
+    return {name: Timings(times[name], cpu[name]) for name in calls}
+
+
+def machine() -> dict[str, object]:
+    """What every figure is read with: CPU model and capability, threads, load, versions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    info: dict[str, object] = {
+        "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info

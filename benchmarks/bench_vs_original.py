@@ -1,0 +1,496 @@
+"""adm against the paper's released code (openai/guided-diffusion): same networks, same weights.
+
+Both networks are built from one configuration (adm's preset, i.e. the README's flag line, given to
+the original's constructor), the weights are copied strictly (state-dict keys must match), and the
+outputs must agree (max |adm - original| <= 1e-4 x max |original|) before anything is timed. Then
+each measurement runs as interleaved pairs in one process (warm-up, then adm, original, adm,
+original, ...), and the report gives the median ratio original time / adm time (> 1: adm faster)
+over the undisturbed pairs, its min-max and interquartile range, the number of disturbed pairs (a
+side more than 1.25x its own best, benchmarks/timing.py), the median over all pairs, the median
+ratio of process CPU times (not inflated by other processes' load; with `--threads 1` an estimate
+of the undisturbed ratio), the load average and the CPU capability.
+
+Measurements are KIND:NETWORK:BATCH. Kinds: `fwd` (no_grad forward), `fwdbwd` (forward, mean
+square loss, backward into the weights), `guided` (classifier-guided DDIM loop, `--steps`; adm's
+`samplers.ddim_sample` + `guidance.classifier_cond_fn` against the original's `ddim_sample_loop`
+with `cond_fn` as in its scripts/classifier_sample.py; the network's released classifier guides),
+`mem` (peak memory of one forward+backward: CPU peak RSS in a fresh subprocess per
+implementation, CUDA max_memory_allocated). Networks: see `--help`.
+
+    python benchmarks/bench_vs_original.py --original /path/to/guided-diffusion
+    python benchmarks/bench_vs_original.py --quick            # tiny networks, seconds
+    python benchmarks/bench_vs_original.py --measure fwd:64x64:1 guided:33m:1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# isort: off
+import adm  # noqa: F401 - first: it sets OMP_WAIT_POLICY (unless set) before torch loads OpenMP
+import torch
+# isort: on
+
+import original_code
+import timing
+from bench_unet import peak_memory_mb, reset_peak_memory
+from original_code import NetworkConfig
+
+from adm._util.runtime import prepare_model
+from adm.diffusion import guidance, samplers
+from adm.diffusion.gaussian import Diffusion, DiffusionConfig
+from adm.diffusion.schedule import space_timesteps
+from adm.models.presets import build_model, get_preset
+from adm.nets import unet as adm_unet
+
+TOLERANCE = 1e-4  # max |adm - original| relative to max |original|
+KINDS = ("fwd", "fwdbwd", "guided", "mem")
+DEFAULT = ("fwd:33m:4", "fwd:64x64:1", "fwd:128x128_classifier:4", "fwdbwd:33m:4", "guided:33m:1")
+DEFAULT += ("mem:33m:4",)
+QUICK = ("fwd:tiny:2", "fwd:tiny_classifier:2", "fwdbwd:tiny:2", "guided:tiny:1", "mem:tiny:2")
+
+
+@dataclass(frozen=True)
+class Network:
+    config: NetworkConfig
+    diffusion: DiffusionConfig
+    classifier: str | None  # the network that guides it (`guided` measurements)
+
+
+def _preset(name: str, **changes) -> Network:
+    p = get_preset(name)
+    network = dataclasses.replace(p.network, **changes) if changes else p.network
+    return Network(network, p.diffusion, p.sampling.classifier)
+
+
+NETWORKS: dict[str, Callable[[], Network]] = {
+    "33m": lambda: _preset("64x64_diffusion", model_channels=64),  # the 64x64 config at 64 ch.
+    "64x64": lambda: _preset("64x64_diffusion"),
+    "64x64_classifier": lambda: _preset("64x64_classifier"),
+    "128x128_classifier": lambda: _preset("128x128_classifier"),
+    "tiny": lambda: _preset("tiny_diffusion"),
+    "tiny_classifier": lambda: _preset("tiny_classifier"),
+}
+
+
+@dataclass(frozen=True)
+class Measure:
+    kind: str
+    network: str
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Measure:
+        parts = text.split(":")
+        if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
+            raise ValueError(f"--measure {text!r}: expected KIND:NETWORK:BATCH, e.g. fwd:33m:4")
+        kind, net, batch = parts[0], parts[1], int(parts[2])
+        if kind not in KINDS:
+            raise ValueError(f"--measure {text!r}: kind must be one of {', '.join(KINDS)}")
+        if net not in NETWORKS:
+            raise ValueError(f"--measure {text!r}: network must be one of {', '.join(NETWORKS)}")
+        if kind == "guided" and NETWORKS[net]().classifier is None:
+            raise ValueError(f"--measure {text!r}: {net} has no classifier to guide it")
+        return cls(kind, net, batch)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.network}:{self.batch}"
+
+
+@dataclass(frozen=True)
+class AdmOptions:
+    """How adm's networks are prepared: `prepare_model`'s default memory format unless
+    `channels_last` is set; attention recomputed in backward (as the original always does) when
+    `checkpoint_attention` and adm has `adm.nets.unet.set_attention_checkpointing`."""
+
+    channels_last: bool | None = None
+    checkpoint_attention: bool = False
+
+    def prepare(self, net: torch.nn.Module, device: torch.device, trainable: bool = False):
+        net = prepare_model(
+            net, device=device, channels_last=self.channels_last, trainable=trainable
+        )
+        if self.checkpoint_attention:
+            adm_unet.set_attention_checkpointing(net, True)  # checked by parse_args
+        return net
+
+    def argv(self) -> list[str]:
+        """The same options for a subprocess."""
+        on = {
+            "--channels-last": self.channels_last,
+            "--checkpoint-attention": self.checkpoint_attention,
+        }
+        return [flag for flag, value in on.items() if value]
+
+
+class Pairs:
+    """Both implementations of every network used, built once, weights copied, outputs checked."""
+
+    def __init__(self, script_util, device: torch.device, options: AdmOptions) -> None:
+        self.script_util, self.device, self.options = script_util, device, options
+        self.built: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
+        self.agreement: dict[str, float] = {}
+
+    def get(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(adm network, original network) on the device, adm prepared as for inference."""
+        if name not in self.built:
+            config = NETWORKS[name]().config
+            self.built[name] = build_pair(self.script_util, config, self.device, self.options)
+            self.agreement[name] = check_agreement(*self.built[name], config)
+        return self.built[name]
+
+
+def build_pair(script_util, config: NetworkConfig, device: torch.device, options: AdmOptions):
+    torch.manual_seed(0)
+    original = original_code.build_original(script_util, config)
+    ours = build_model(config)
+    problems = original_code.copy_weights(original, ours)
+    if problems:
+        raise SystemExit(f"state dicts differ ({len(problems)} keys): " + "; ".join(problems[:5]))
+    return options.prepare(ours, device), original.to(device)
+
+
+def inputs(config: NetworkConfig, batch: int, device: torch.device, seed: int = 0):
+    """(x, t, kwargs) for a forward pass: noise, random timesteps, random labels if any."""
+    g = torch.Generator().manual_seed(seed)
+    size = config.image_size
+    x = torch.randn(batch, config.in_channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    kwargs = {}
+    if getattr(config, "num_classes", None):
+        kwargs["y"] = torch.randint(0, config.num_classes, (batch,), generator=g).to(device)
+    return x.to(device), t.to(device), kwargs
+
+
+def check_agreement(ours, original, config: NetworkConfig) -> float:
+    """Max |adm - original| / max |original| of one forward (TF32 off); exits above TOLERANCE."""
+    x, t, kwargs = inputs(config, 2, next(ours.parameters()).device, seed=1)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            a, b = ours(x, t, **kwargs).float(), original(x, t, **kwargs).float()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    rel = ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+    if not rel <= TOLERANCE:
+        raise SystemExit(f"outputs differ: max |adm - original| is {rel:.2e} of max |original|")
+    return rel
+
+
+def forward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
+    ours, original = pairs.get(m.network)
+    x, t, kwargs = inputs(NETWORKS[m.network]().config, m.batch, pairs.device)
+
+    def call(net) -> Callable[[], object]:
+        def run() -> None:
+            with torch.no_grad():
+                net(x, t, **kwargs)
+
+        return run
+
+    return {"adm": call(ours), "original": call(original)}
+
+
+def backward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
+    ours, original = pairs.get(m.network)
+    ours.requires_grad_(True)  # prepared for inference; the weights need gradients here
+    x, t, kwargs = inputs(NETWORKS[m.network]().config, m.batch, pairs.device)
+    return {"adm": _step(ours, x, t, kwargs), "original": _step(original, x, t, kwargs)}
+
+
+def _step(net, x, t, kwargs) -> Callable[[], None]:
+    def run() -> None:
+        net(x, t, **kwargs).float().square().mean().backward()
+        for p in net.parameters():
+            p.grad = None
+
+    return run
+
+
+def guided_calls(pairs: Pairs, m: Measure, steps: str, scale: float) -> dict:
+    """Both guided DDIM loops from the same noise and labels; also returns their samples' max
+    difference (the loops differ only in float rounding)."""
+    net = NETWORKS[m.network]()
+    assert net.classifier is not None
+    ours, original = pairs.get(m.network)
+    ours.requires_grad_(False)
+    ours_c, original_c = pairs.get(net.classifier)
+    ours_c.requires_grad_(False)
+    noise, _, kwargs = inputs(net.config, m.batch, pairs.device, seed=2)
+    diff = Diffusion.from_config(dataclasses.replace(net.diffusion, timestep_respacing=steps))
+    cond_fn = guidance.classifier_cond_fn(ours_c, scale)
+    spaced = original_code.original_diffusion(pairs.script_util, net.diffusion, steps)
+    theirs = original_code.original_guided_ddim(spaced, original, original_c, scale)
+
+    def run_ours() -> torch.Tensor:
+        return samplers.ddim_sample(
+            ours, diff, noise, cond_fn=cond_fn, clip_denoised=True, model_kwargs=kwargs
+        )
+
+    def run_original() -> torch.Tensor:
+        return theirs(noise, kwargs["y"])
+
+    diff_max = (run_ours() - run_original()).abs().max().item()
+    return {"adm": run_ours, "original": run_original, "sample_max_abs_diff": diff_max}
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+
+def memory_of_step(
+    impl: str, m: Measure, script_util, device: torch.device, options: AdmOptions
+) -> dict[str, float]:
+    """Peak memory (MB) of the first forward+backward of a fresh network: CPU peak RSS (and the
+    RSS just before the step), CUDA max_memory_allocated (and memory allocated before)."""
+    config = NETWORKS[m.network]().config
+    torch.manual_seed(0)
+    if impl == "adm":
+        net = options.prepare(build_model(config), device, trainable=True)
+    else:
+        net = original_code.build_original(script_util, config).to(device)
+    x, t, kwargs = inputs(config, m.batch, device)
+    step = _step(net, x, t, kwargs)
+    reset_peak_memory(device)
+    before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    before = peak_memory_mb(device) if before is None else before  # RSS right after the reset
+    step()
+    peak = peak_memory_mb(device)
+    return {"before_mb": before, "peak_mb": peak, "step_mb": peak - before}
+
+
+def memory_pair(m: Measure, args: argparse.Namespace, pairs: Pairs) -> dict[str, dict]:
+    """Both implementations' `memory_of_step`; on the CPU each in a fresh subprocess (same
+    imports, same start), alternating, `--memory-repeats` times, the smallest peak kept."""
+    out: dict[str, list[dict]] = {"adm": [], "original": []}
+    for _ in range(args.memory_repeats):
+        for impl in out:
+            if pairs.device.type == "cuda":
+                step = memory_of_step(impl, m, pairs.script_util, pairs.device, pairs.options)
+                out[impl].append(step)
+                continue
+            command = [sys.executable, __file__, "--memory-child", impl, "--measure", str(m)]
+            command += ["--original", args.original_root, "--threads", str(torch.get_num_threads())]
+            command += pairs.options.argv()
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise SystemExit(f"memory subprocess ({impl}) failed: {done.stderr.strip()[-300:]}")
+            out[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {impl: min(runs, key=lambda r: r["peak_mb"]) for impl, runs in out.items()}
+
+
+# ---- timing and report ----------------------------------------------------------------------
+
+
+def summarise(t: dict[str, timing.Timings]) -> dict:
+    """Median ratio original/adm over the pairs where neither side was disturbed (all pairs when
+    every pair was), its min-max and quartiles, and the medians of the times."""
+    a, o = t["adm"], t["original"]
+    bad = [x or y for x, y in zip(a.disturbed, o.disturbed, strict=True)]
+    keep = [i for i, b in enumerate(bad) if not b] or list(range(len(bad)))
+    ratios = [o.times[i] / a.times[i] for i in keep]
+    all_ratios = [ot / at for at, ot in zip(a.times, o.times, strict=True)]
+    cpu_ratios = [oc / ac for ac, oc in zip(a.cpu, o.cpu, strict=True)]
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "ratio_iqr": [q[0], q[-1]],
+        "disturbed": sum(bad),
+        "pairs": len(bad),
+        "ratio_all_pairs": statistics.median(all_ratios),
+        "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
+        "adm_s": statistics.median(a.times[i] for i in keep),
+        "original_s": statistics.median(o.times[i] for i in keep),
+        "adm_times": a.times,
+        "original_times": o.times,
+    }
+
+
+def run_measure(m: Measure, args: argparse.Namespace, pairs: Pairs) -> dict:
+    ours, _ = pairs.get(m.network)  # built and checked before anything is timed
+    out: dict = {"measure": str(m), "params": sum(p.numel() for p in ours.parameters())}
+    if m.kind == "mem":
+        out["memory"] = memory_pair(m, args, pairs)
+        return out
+    if m.kind == "guided":
+        calls = guided_calls(pairs, m, args.steps, args.scale)
+        out["sample_max_abs_diff"] = calls.pop("sample_max_abs_diff")
+        repeats, warmup = args.repeats_guided, max(args.warmup - 1, 0)  # the check warmed up
+    else:
+        calls = (forward_calls if m.kind == "fwd" else backward_calls)(pairs, m)
+        repeats, warmup = args.repeats, args.warmup
+    out.update(summarise(timing.interleaved(calls, repeats, warmup=warmup)))
+    return out
+
+
+def describe_machine(before: dict, after: dict) -> str:
+    """Two lines: the machine (CPU capability, threads, GPU) and the load average around the run."""
+    gpu = f"; {before['gpu']}, CUDA {before['cuda']}" if "gpu" in before else ""
+    return (
+        f"machine: {before['cpu']}; capability {before['cpu_capability']}; torch "
+        f"{before['torch']}; threads {before['threads']}; OMP_WAIT_POLICY "
+        f"{before['omp_wait_policy']}{gpu}\n"
+        f"load average before {before['load_average']}, after {after['load_average']}"
+    )
+
+
+def _row(r: dict) -> str:
+    note = (
+        f" (samples differ by {r['sample_max_abs_diff']:.1e})" if "sample_max_abs_diff" in r else ""
+    )
+    lo, hi = r["ratio_iqr"]
+    cpu = "" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}"
+    return (
+        f"| {r['measure']}{note} | {r['params'] / 1e6:.1f} M | {r['adm_s']:.3f} "
+        f"| {r['original_s']:.3f} | **{r['ratio']:.2f}** | {r['ratio_min']:.2f}-"
+        f"{r['ratio_max']:.2f} | {lo:.2f}-{hi:.2f} | {r['disturbed']}/{r['pairs']} "
+        f"| {r['ratio_all_pairs']:.2f} | {cpu} |"
+    )
+
+
+def _memory_line(r: dict, cuda: bool) -> str:
+    a, o = r["memory"]["adm"], r["memory"]["original"]
+    what = "CUDA max_memory_allocated" if cuda else "peak RSS, a fresh process each"
+    return (
+        f"memory of one forward+backward, {r['measure']} ({what}): step adm "
+        f"+{a['step_mb']:.0f} MB, original +{o['step_mb']:.0f} MB (adm/original "
+        f"{a['step_mb'] / max(o['step_mb'], 1e-9):.2f}); peak adm {a['peak_mb']:.0f} MB, original "
+        f"{o['peak_mb']:.0f} MB (before the step {a['before_mb']:.0f} / {o['before_mb']:.0f})"
+    )
+
+
+def report(results: list[dict], pairs: Pairs, env: dict) -> str:
+    lines = [
+        describe_machine(env["before"], env["after"]) + f"; device {pairs.device}",
+        "agreement (max |adm - original| / max |original|, one forward): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in pairs.agreement.items()),
+        "",
+        "| measurement | params | adm s | original s | original/adm (median) | min-max | IQR "
+        "| disturbed pairs | wall, all pairs | CPU time, all pairs |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    lines += [_row(r) for r in results if "memory" not in r]
+    lines += [_memory_line(r, pairs.device.type == "cuda") for r in results if "memory" in r]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="bench_vs_original.py", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--original", default=None, help=f"the original's folder (or ${original_code.ENV_VAR})"
+    )
+    p.add_argument(
+        "--measure",
+        nargs="+",
+        default=None,
+        help=f"KIND:NETWORK:BATCH ...; networks {', '.join(NETWORKS)}; default {' '.join(DEFAULT)}",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"tiny networks, 2 pairs: {' '.join(QUICK)}"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed pairs per fwd/fwdbwd measurement (5; quick 2)",
+    )
+    p.add_argument(
+        "--repeats-guided", type=int, default=None, help="timed pairs of guided loops (3; quick 2)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the pairs")
+    p.add_argument(
+        "--memory-repeats", type=int, default=1, help="subprocess pairs for mem (min kept)"
+    )
+    p.add_argument(
+        "--steps", default=None, help="respacing of the guided loop (ddim25; quick ddim3)"
+    )
+    p.add_argument("--scale", type=float, default=1.0, help="classifier scale of the guided loop")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--channels-last", action="store_true", help="adm's networks in NHWC")
+    p.add_argument(
+        "--checkpoint-attention",
+        action="store_true",
+        help="adm recomputes attention in backward, as the original does (if adm supports it)",
+    )
+    p.add_argument("--json", default=None, help="also write the raw figures here")
+    p.add_argument("--memory-child", choices=["adm", "original"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    return _check(args)
+
+
+def _check(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the quick/default settings; ValueError (one line) for values that cannot run."""
+    args.measure = [Measure.parse(t) for t in (args.measure or (QUICK if args.quick else DEFAULT))]
+    quick = {"repeats": 2, "repeats_guided": 2, "steps": "ddim3"}
+    default = {"repeats": 5, "repeats_guided": 3, "steps": "ddim25"}
+    for name, value in (quick if args.quick else default).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("repeats", "repeats_guided", "memory_repeats", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.checkpoint_attention and not hasattr(adm_unet, "set_attention_checkpointing"):
+        raise ValueError("--checkpoint-attention: this adm has no set_attention_checkpointing")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
+    try:
+        space_timesteps(1000, args.steps)
+    except ValueError as err:
+        raise ValueError(f"--steps {args.steps!r}: {err}") from None
+    if args.device not in ("cpu", "cuda") or (
+        args.device == "cuda" and not torch.cuda.is_available()
+    ):
+        raise ValueError(f"--device {args.device!r}: use cpu, or cuda where a GPU is visible")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        root = original_code.find_original(args.original)
+    except (ValueError, original_code.OriginalMissing) as err:
+        print(f"bench_vs_original.py: error: {err}", file=sys.stderr)
+        return 2
+    args.original_root = str(root)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    script_util = original_code.import_original(root)
+    options = AdmOptions(args.channels_last or None, args.checkpoint_attention)
+    if args.memory_child:
+        step = memory_of_step(args.memory_child, args.measure[0], script_util, device, options)
+        print(json.dumps(step))
+        return 0
+    env = {"before": timing.machine(), "command": " ".join(["python", *sys.argv])}
+    pairs = Pairs(script_util, device, options)
+    results = []
+    for m in args.measure:
+        results.append(run_measure(m, args, pairs))
+        print(f"done {m}", file=sys.stderr)
+    env["after"] = timing.machine()
+    print(report(results, pairs, env))
+    if args.json:
+        raw = {"env": env, "agreement": pairs.agreement, "steps": args.steps, "results": results}
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

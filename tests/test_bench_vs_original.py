@@ -1,0 +1,176 @@
+"""benchmarks/bench_vs_original.py: its argument errors, its ratio statistics, its weight copy and,
+when the original code is present ($ADM_ORIGINAL), its comparison run on tiny networks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_vs_original as bench
+import original_code
+import timing
+
+ORIGINAL = os.environ.get(original_code.ENV_VAR)
+needs_original = pytest.mark.skipif(
+    not ORIGINAL or not (Path(ORIGINAL) / "guided_diffusion" / "unet.py").is_file(),
+    reason=f"the original code is not present: set {original_code.ENV_VAR}=PATH to a clone of "
+    f"{original_code.URL} (commit {original_code.COMMIT})",
+)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_original_says_where_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(original_code.ENV_VAR, raising=False)
+    assert bench.main(["--original", str(tmp_path), "--quick"]) == 2
+    err = _one_line_error(capsys)
+    assert str(tmp_path) in err and original_code.URL in err and original_code.COMMIT in err
+    assert bench.main(["--quick"]) == 2
+    assert original_code.ENV_VAR in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--measure", "fwd:33m"], "KIND:NETWORK:BATCH"),
+        (["--measure", "fwd:33m:0"], "KIND:NETWORK:BATCH"),
+        (["--measure", "sideways:33m:1"], "kind must be one of"),
+        (["--measure", "fwd:99m:1"], "network must be one of"),
+        (["--measure", "guided:128x128_classifier:1"], "no classifier to guide it"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--steps", "ddim0"], "--steps 'ddim0'"),
+        (["--device", "tpu"], "--device 'tpu'"),
+    ],
+)
+def test_bad_values_are_one_line_errors_before_any_work(args, words, capsys, tmp_path):
+    # the original's path is checked after the values, so a bad value is named first
+    assert bench.main(["--original", str(tmp_path), *args]) == 2
+    assert words in _one_line_error(capsys)
+
+
+def test_unknown_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--bogus"])
+    assert exit_.value.code == 2
+    assert "--bogus" in _one_line_error(capsys)
+
+
+def test_ratio_statistics_leave_out_disturbed_pairs():
+    adm = timing.Timings([1.0, 1.0, 1.0, 3.0], cpu=[1.0, 1.0, 1.0, 1.0])  # the last pair disturbed
+    original = timing.Timings([1.2, 1.4, 1.3, 1.2], cpu=[1.0, 1.5, 2.0, 2.5])
+    s = bench.summarise({"adm": adm, "original": original})
+    assert s["disturbed"] == 1 and s["pairs"] == 4 and s["cpu_ratio"] == pytest.approx(1.75)
+    assert s["ratio"] == pytest.approx(1.3) and s["ratio_all_pairs"] == pytest.approx(1.25)
+    assert (s["ratio_min"], s["ratio_max"]) == pytest.approx((1.2, 1.4))
+    assert s["ratio_iqr"] == pytest.approx([1.25, 1.35])
+
+
+def test_every_benchmark_network_is_expressible_in_the_original():
+    for name, network in bench.NETWORKS.items():
+        cls, kwargs = original_code.constructor_kwargs(network().config)
+        assert (cls == "EncoderUNetModel") == ("classifier" in name)
+        assert kwargs["use_fp16"] is False
+
+
+def test_weight_copy_reports_key_differences():
+    problems = original_code.copy_weights(nn.Linear(2, 2), nn.Linear(2, 2, bias=False))
+    assert problems == ["only in the original: bias"]
+    source, target = nn.Linear(2, 2), nn.Linear(2, 2)
+    assert original_code.copy_weights(source, target) == []
+    assert torch.equal(source.weight, target.weight)
+
+
+@needs_original
+def test_comparison_against_the_original_on_tiny_networks(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [
+        "--original",
+        ORIGINAL,
+        "--threads",
+        "1",
+        "--measure",
+        "fwd:tiny_classifier:1",
+        "guided:tiny:1",
+    ]
+    argv += ["--repeats", "1", "--repeats-guided", "1", "--warmup", "0", "--steps", "ddim2"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    raw = json.loads(out.read_text())
+    assert set(raw["agreement"]) == {"tiny", "tiny_classifier"}
+    assert all(v <= bench.TOLERANCE for v in raw["agreement"].values())
+    fwd, guided = raw["results"]
+    assert fwd["pairs"] == guided["pairs"] == 1 and fwd["ratio"] > 0 and guided["ratio"] > 0
+    assert guided["sample_max_abs_diff"] < 1e-3
+    assert raw["env"]["before"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+@needs_original
+def test_a_weight_that_differs_fails_the_agreement_check():
+    script_util = original_code.import_original(original_code.find_original(ORIGINAL))
+    config = bench.NETWORKS["tiny_classifier"]().config
+    ours, original = bench.build_pair(script_util, config, torch.device("cpu"), bench.AdmOptions())
+    assert bench.check_agreement(ours, original, config) <= bench.TOLERANCE
+    with torch.no_grad():
+        next(original.parameters()).mul_(1.01)
+    with pytest.raises(SystemExit, match="outputs differ"):
+        bench.check_agreement(ours, original, config)
+
+
+@pytest.mark.slow
+@needs_original
+def test_quick_run_with_memory_subprocesses(tmp_path):
+    out = tmp_path / "quick.json"
+    assert bench.main(["--original", ORIGINAL, "--quick", "--json", str(out)]) == 0
+    memory = json.loads(out.read_text())["results"][-1]["memory"]
+    assert memory["adm"]["step_mb"] > 0 and memory["original"]["step_mb"] > 0
+
+
+def test_gpu_check_budget_interrupts_and_restores_the_outer_limit():
+    import gpu_check
+
+    budget = gpu_check.Budget(60)
+    with budget.limit(30):
+        with pytest.raises(TimeoutError, match="time budget"), budget.limit(0.2):
+            time.sleep(5)  # interrupted by the alarm after 0.2 s
+        outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 20 < outer_left <= 30  # the enclosing limit goes on
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    with pytest.raises(TimeoutError, match="skipped"), gpu_check.Budget(0.05).limit(10):
+        pass
+
+
+def test_gpu_check_writes_before_the_marker(tmp_path):
+    import gpu_check
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# R\n\n## issue 17\n\n{gpu_check.MARKER}\n\n## older\n")
+    gpu_check.write(results, "### run 1\n")
+    gpu_check.write(results, "### run 2\n")
+    text = results.read_text()
+    assert text.index("### run 1") < text.index("### run 2") < text.index(gpu_check.MARKER)
+    assert text.index(gpu_check.MARKER) < text.index("## older")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_completes(tmp_path):
+    import gpu_check
+
+    out = tmp_path / "dry.md"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "300"]) == 0
+    text = out.read_text()
+    assert "FAILED" not in text and "failed:" not in text
+    for title in ("golden networks", "sampling throughput", "forward MFU", "training throughput"):
+        assert title in text
