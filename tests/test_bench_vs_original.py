@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_vs_original as bench
 import original_code
+import saved_activations
 import timing
 
 ORIGINAL = os.environ.get(original_code.ENV_VAR)
@@ -174,3 +175,20 @@ def test_gpu_check_dry_run_completes(tmp_path):
     assert "FAILED" not in text and "failed:" not in text
     for title in ("golden networks", "sampling throughput", "forward MFU", "training throughput"):
         assert title in text
+
+
+def test_saved_activations_counts_what_attention_checkpointing_drops():
+    """The saved-tensor count is exact: recomputing attention in backward drops what the
+    attention blocks keep, and nothing else; weights are never counted."""
+    from adm.nets.unet import set_attention_checkpointing
+
+    config = bench.NETWORKS["tiny"]().config
+    net = bench.build_model(config).train()
+    x, t, kwargs = bench.inputs(config, 2, torch.device("cpu"))
+    full, by_shape = saved_activations.saved_for_backward(net, x, t, kwargs)
+    assert full == sum(by_shape.values()) > 0
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    assert full < 40 * weights  # sanity: a tiny net at 32x32, batch 2
+    lean, _ = saved_activations.saved_for_backward(set_attention_checkpointing(net), x, t, kwargs)
+    assert 0 < lean < full, (lean, full)
+    assert saved_activations.main(["--original", "/nonexistent-adm-original"]) == 2
