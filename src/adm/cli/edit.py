@@ -93,11 +93,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     cli_sample._model_options(p)
     p.add_argument("--images", required=True, help="npz (arr_0 uint8 [N, H, W, C] or [N, H, W], "
                    "labels in arr_1) or a folder of PNG/JPEG images")  # fmt: skip
-    p.add_argument("--classifier", help="noisy classifier to guide with (file or bundled name)")
-    p.add_argument("--classifier-scale", type=float, default=None, help="guidance scale "
-                   "(default: the preset's when --classifier is given)")  # fmt: skip
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight w")
-    p.add_argument("--cfg-null-label", type=int, help="null label (default: last class index)")
+    cli_sample.guidance_options(p)
     p.add_argument("--classes", help="classes to guide towards: a list such as 5 or 1,7 (cycled "
                    "over the images) or 'labels' for the --images npz's arr_1")  # fmt: skip
     p.add_argument("--num-images", type=int, help="edit only the first N images")
@@ -146,7 +142,7 @@ def _cmd(args: argparse.Namespace) -> int:
         edit_io.check_inputs(images, masks, net.image_size, net.in_channels)
     except ValueError as err:
         raise UserError(str(err)) from None
-    classifier, scale = _classifier(args, preset, device)
+    classifier, scale = cli_sample.load_classifier(args, preset, device)
     null_label, num_classes = _null_label(args, preset)
     if classifier is not None:
         n_clf = classifier.config.out_channels
@@ -201,28 +197,6 @@ def _job(args: argparse.Namespace, preset, scale: float):
     except ValueError as err:
         raise UserError(cli_sample._option_names(str(err))) from None
     return job
-
-
-def _classifier(args: argparse.Namespace, preset, device):
-    from adm.models import checkpoint
-
-    if not args.classifier:
-        if args.classifier_scale:
-            raise UserError("--classifier-scale needs --classifier CKPT")
-        return None, 0.0
-    try:
-        classifier, clf_preset = checkpoint.load_model(args.classifier, device=device)
-    except (ValueError, OSError) as err:
-        raise UserError(f"--classifier: {err}") from None
-    if clf_preset.kind != "classifier":
-        raise UserError(f"--classifier {args.classifier} is a {clf_preset.kind} model")
-    if clf_preset.network.image_size != preset.network.image_size:
-        raise UserError(
-            f"--classifier {args.classifier} works at {clf_preset.network.image_size}px but the "
-            f"model at {preset.network.image_size}px"
-        )
-    scale = args.classifier_scale
-    return classifier.eval(), preset.sampling.classifier_scale if scale is None else scale
 
 
 def _null_label(args: argparse.Namespace, preset):

@@ -52,11 +52,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_options(p)
-    p.add_argument("--classifier", help="noisy classifier: a checkpoint file, a bundled name "
-                   "(fmnist_classifier) or a released name (cached by adm fetch)")  # fmt: skip
-    p.add_argument("--classifier-scale", type=float, help="guidance scale s (default: preset's)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight w")
-    p.add_argument("--cfg-null-label", type=int, help="null label (default: last class index)")
+    guidance_options(p)
     p.add_argument("--classes", default="random", help="'random' or a list such as 1,7,207")
     _sampling_options(p)
     p.set_defaults(func=_cmd_sample, accepts_original_flags=True, run_folder="out",
@@ -101,6 +97,17 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="build a preset with random weights (tests, smoke runs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a preset field, e.g. --set diffusion.steps=4000")  # fmt: skip
+
+
+def guidance_options(p: argparse.ArgumentParser) -> None:
+    """--classifier, --classifier-scale, --cfg-scale and --cfg-null-label (sampling, editing)."""
+    p.add_argument("--classifier", help="noisy classifier: a checkpoint file, a bundled name "
+                   "(fmnist_classifier) or a released name (cached by adm fetch)")  # fmt: skip
+    p.add_argument("--classifier-scale", type=float, help="guidance scale s (default: the "
+                   "preset's when --classifier is given)")  # fmt: skip
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight w")
+    p.add_argument("--cfg-null-label", type=int, help="null label (default: the one the model "
+                   "was trained with, else the last class index)")  # fmt: skip
 
 
 def _sampling_options(p: argparse.ArgumentParser, num_samples: int | None = 16) -> None:
@@ -249,7 +256,6 @@ def _check_sampling_options(args: argparse.Namespace) -> None:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from adm.generate.sample import Run
-    from adm.models import checkpoint
 
     _check_sampling_options(args)
     classes = _parse_classes(args.classes)
@@ -259,22 +265,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         hint = " (use adm upsample)" if preset.kind == "superres" else ""
         raise UserError(f"{preset.name} is a {preset.kind} model, not a diffusion model{hint}")
     net = preset.network
-    classifier, scale = None, args.classifier_scale
-    if args.classifier:
-        try:
-            classifier, clf_preset = checkpoint.load_model(args.classifier, device=device)
-        except (ValueError, OSError) as err:
-            raise UserError(f"--classifier: {err}") from None
-        if clf_preset.kind != "classifier":
-            raise UserError(f"--classifier {args.classifier} is a {clf_preset.kind} model")
-        if clf_preset.network.image_size != net.image_size:
-            raise UserError(
-                f"--classifier {args.classifier} works at {clf_preset.network.image_size}px but "
-                f"the model samples {net.image_size}px images"
-            )
-        scale = preset.sampling.classifier_scale if scale is None else scale
-    elif scale:
-        raise UserError("--classifier-scale needs --classifier CKPT")
+    classifier, scale = load_classifier(args, preset, device)
     num_classes = net.num_classes
     if classifier is not None:
         n_clf = classifier.config.out_channels
@@ -314,6 +305,31 @@ def digests(**files: str | None) -> dict[str, str]:
             path = resolve_checkpoint(given) if name != "base" else given
             out[f"{name}_sha256"] = sha256_file(path)
     return out
+
+
+def load_classifier(args: argparse.Namespace, preset, device: torch.device):
+    """(classifier, scale) from --classifier and --classifier-scale, checked against the
+    diffusion model's `preset` (a classifier, at its resolution); (None, 0.0) without one. The
+    scale defaults to the preset's recommended one."""
+    from adm.models import checkpoint
+
+    if not args.classifier:
+        if args.classifier_scale:
+            raise UserError("--classifier-scale needs --classifier CKPT")
+        return None, 0.0
+    try:
+        classifier, clf_preset = checkpoint.load_model(args.classifier, device=device)
+    except (ValueError, OSError) as err:
+        raise UserError(f"--classifier: {err}") from None
+    if clf_preset.kind != "classifier":
+        raise UserError(f"--classifier {args.classifier} is a {clf_preset.kind} model")
+    if clf_preset.network.image_size != preset.network.image_size:
+        raise UserError(
+            f"--classifier {args.classifier} works at {clf_preset.network.image_size}px but "
+            f"the model samples {preset.network.image_size}px images"
+        )
+    scale = args.classifier_scale
+    return classifier, preset.sampling.classifier_scale if scale is None else scale
 
 
 def prepare_networks(
@@ -420,10 +436,8 @@ def _read_images(path: str, flag: str) -> dict[str, np.ndarray]:
 
     from adm._util.npz import NpzError, load_npz
 
-    if not Path(path).is_file():
-        raise UserError(f"{flag} {path}: no such file")
     try:
-        arrays = load_npz(path, ("arr_0", "arr_1"))
+        arrays = load_npz(path, ("arr_0", "arr_1"))  # a missing file: "{path}: no such file"
     except NpzError as err:
         raise UserError(f"{flag} {err}") from None
     images = arrays.get("arr_0")

@@ -226,14 +226,14 @@ def open_source(
         raise DataError(f"data path {path} does not exist")
     if path.suffix == ".npz":
         try:
-            headers = npz_headers(path)
-            if "arr_0" not in headers:
-                raise DataError(f"{path}: expected images in arr_0 (found {sorted(headers)})")
-            if labelled and "arr_1" not in headers:
-                raise DataError(f"{path}: class-conditional training needs labels in arr_1")
             npz = load_npz(path, ("arr_0", "arr_1") if labelled else ("arr_0",))
+            if "arr_0" not in npz:
+                found = sorted(npz_headers(path))
+                raise DataError(f"{path}: expected images in arr_0 (found {found})")
         except NpzError as err:
             raise DataError(str(err)) from None
+        if labelled and "arr_1" not in npz:
+            raise DataError(f"{path}: class-conditional training needs labels in arr_1")
         return ArrayImages(npz["arr_0"], npz.get("arr_1"), path.name)
     if "idx3-ubyte" in path.name or (path.is_dir() and any(path.glob("*-images-idx3-ubyte*"))):
         images, labels_path = _idx_pair(path, split)
