@@ -10,8 +10,8 @@ side more than 1.25x its own best, benchmarks/timing.py), the median over all pa
 ratio of process CPU times (not inflated by other processes' load; with `--threads 1` an estimate
 of the undisturbed ratio), the load average and the CPU capability.
 
-Measurements are KIND:NETWORK:BATCH. Kinds: `fwd` (no_grad forward), `fwdbwd` (forward, mean
-square loss, backward into the weights), `guided` (classifier-guided DDIM loop, `--steps`; adm's
+Measurements are KIND:NETWORK:BATCH. Kinds: `fwd` (no_grad forward), `fwdbwd` (train mode,
+forward, mean square loss, backward into the weights), `guided` (classifier-guided DDIM loop, `--steps`; adm's
 `samplers.ddim_sample` + `guidance.classifier_cond_fn` against the original's `ddim_sample_loop`
 with `cond_fn` as in its scripts/classifier_sample.py; the network's released classifier guides),
 `mem` (peak memory of one forward+backward: CPU peak RSS in a fresh subprocess per
@@ -207,10 +207,15 @@ def backward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
 
 
 def _step(net, x, t, kwargs) -> Callable[[], None]:
+    """One training forward + backward: train mode (dropout as configured, 0.1 for the 64x64
+    configs, on both sides), then back to eval mode for the other measurements."""
+
     def run() -> None:
+        net.train()
         net(x, t, **kwargs).float().square().mean().backward()
         for p in net.parameters():
             p.grad = None
+        net.eval()
 
     return run
 
@@ -255,7 +260,7 @@ def memory_of_step(
     if impl == "adm":
         net = options.prepare(build_model(config), device, trainable=True)
     else:
-        net = original_code.build_original(script_util, config).to(device)
+        net = original_code.build_original(script_util, config).to(device).train()
     x, t, kwargs = inputs(config, m.batch, device)
     step = _step(net, x, t, kwargs)
     reset_peak_memory(device)

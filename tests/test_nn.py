@@ -140,19 +140,68 @@ def test_qkv_attention_dtype_and_errors() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_modulate_equals_norm_then_scale_shift(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("modulated", [True, False])
+def test_norm_silu_equals_norm_then_scale_shift_then_silu(dtype, modulated) -> None:
     norm = normalization(64)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64))
         norm.bias.copy_(torch.randn(64))
     x = torch.randn(2, 64, 5, 5).to(memory_format=torch.channels_last).to(dtype)
     scale, shift = torch.randn(2, 64, 1, 1, dtype=dtype), torch.randn(2, 64, 1, 1, dtype=dtype)
-    out = norm.modulate(x, scale, shift)
+    out = norm.silu(x, scale, shift) if modulated else norm.silu(x)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     wide = torch.float64 if dtype == torch.float64 else torch.float32
-    ref = norm(x.to(wide)) * (1 + scale.to(wide)) + shift.to(wide)
+    ref = norm(x.to(wide))
+    if modulated:
+        ref = ref * (1 + scale.to(wide)) + shift.to(wide)
+    ref = torch.nn.functional.silu(ref)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.to(wide), ref, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="both scale and shift"):
+        norm.silu(x, scale, None)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_norm_silu_gradients(channels_last: bool) -> None:
+    """The hand-written backward against finite differences (float64), for the input, the
+    affine parameters and a per-sample scale and shift, in both memory formats."""
+    torch.manual_seed(0)
+    norm = normalization(64).double()
+    x = torch.randn(3, 64, 4, 5, dtype=torch.float64) * 2 + 1  # offset: exercises the mean terms
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    scale = torch.randn(3, 64, 1, 1, dtype=torch.float64)
+    shift = torch.randn(3, 64, 1, 1, dtype=torch.float64)
+    inputs = (x, scale, shift, norm.weight, norm.bias)
+    for t in inputs:
+        t.requires_grad_(True)
+
+    def modulated(x, scale, shift, weight, bias):
+        return norm.silu(x, scale, shift)
+
+    def plain(x, scale, shift, weight, bias):
+        return norm.silu(x)
+
+    assert torch.autograd.gradcheck(modulated, inputs)
+    assert torch.autograd.gradcheck(plain, (x, scale, shift, norm.weight, norm.bias))
+
+
+def test_norm_silu_keeps_only_its_input_for_backward() -> None:
+    """The fused function's point: one activation-sized tensor saved, not four."""
+    norm = normalization(64)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    big: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() >= x.numel():
+            big.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = norm.silu(x, torch.randn(2, 64, 1, 1), torch.randn(2, 64, 1, 1))
+    assert big == [x.untyped_storage().data_ptr()]
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_pointwise_is_the_conv1d() -> None:

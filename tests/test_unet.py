@@ -272,7 +272,7 @@ def test_attention_checkpointing_recomputes_only_attention() -> None:
     calls: list[str] = []
     attn = next(m for m in ckpt.modules() if isinstance(m, AttentionBlock))
     attn.norm.register_forward_hook(lambda *_: calls.append("attention"))
-    ckpt.middle_block[0].in_layers[0].register_forward_hook(lambda *_: calls.append("res"))
+    ckpt.middle_block[0].in_layers[2].register_forward_hook(lambda *_: calls.append("res"))
     _assert_same_training_gradients(plain, ckpt)
     assert calls.count("attention") == 2 and calls.count("res") == 1
     set_attention_checkpointing(ckpt, False)
@@ -286,7 +286,7 @@ def test_gradient_checkpointing_gives_identical_gradients() -> None:
     ckpt = UNet(dataclasses.replace(plain.config, use_checkpoint=True)).train()
     ckpt.load_state_dict(plain.state_dict(), strict=True)
     calls = []
-    ckpt.middle_block[0].in_layers[0].register_forward_hook(lambda *_: calls.append(1))
+    ckpt.middle_block[0].in_layers[2].register_forward_hook(lambda *_: calls.append(1))
     _assert_same_training_gradients(plain, ckpt)
     assert len(calls) == 2  # the checkpointed block really ran again in backward
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """Network primitives of the ADM UNet (Dhariwal & Nichol 2021, Sec. 3; Nichol & Dhariwal 2021).
 
-The sinusoidal timestep embedding, float32 GroupNorm (with AdaGN's scale-shift folded into one
-`addcmul`), zero initialisation of output layers, 1x1 convolutions applied as matmuls on tokens, and
-the multi-head attention kernel on a packed q/k/v tensor in both of the reference's channel layouts.
+The sinusoidal timestep embedding, float32 GroupNorm (fused with the SiLU after it and with AdaGN's
+scale-shift, keeping only its input for backward), zero initialisation of output layers, 1x1
+convolutions applied as matmuls on tokens, and the multi-head attention kernel on a packed q/k/v
+tensor in both of the reference's channel layouts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "GroupNorm32",
+    "norm_silu",
     "normalization",
     "pointwise",
     "qkv_attention",
@@ -55,23 +57,103 @@ class GroupNorm32(nn.GroupNorm):
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
-    def modulate(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """AdaGN: `self(x) * (1 + scale) + shift` as a plain normalisation and one `addcmul`.
+    def silu(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        """`silu(self(x))`, or with AdaGN `silu(self(x) * (1 + scale) + shift)`, in one function
+        that keeps only `x` and the group statistics for backward (`norm_silu`).
 
-        x: [N, C, H, W] (any memory format, kept); scale, shift: [N, C, 1, 1]. The affine weight
-        and bias are folded into the per-sample scale and shift, so the full-size tensor is
-        touched twice (normalise, addcmul) instead of four times. Computed in float32 like
-        `forward`, returned in x's dtype.
+        x: [N, C, H, W] (any memory format, kept); scale, shift: [N, C, 1, 1] or both None. The
+        affine weight and bias are folded into a per-channel (or per-sample) gain and offset.
+        Computed in float32 like `forward`, returned in x's dtype.
         """
         dtype = torch.promote_types(x.dtype, torch.float32)
-        gain = 1 + scale.to(dtype)  # [N, C, 1, 1]
-        offset = shift.to(dtype)
-        if self.bias is not None:
-            offset = torch.addcmul(offset, self.bias.to(dtype)[:, None, None], gain)
-        if self.weight is not None:
-            gain = gain * self.weight.to(dtype)[:, None, None]
-        normed = F.group_norm(x.to(dtype), self.num_groups, None, None, self.eps)
-        return torch.addcmul(offset, normed, gain).to(x.dtype)
+        ones = torch.ones(1, x.shape[1], dtype=dtype, device=x.device)
+        weight = ones if self.weight is None else self.weight.to(dtype)[None]  # [1, C]
+        bias = ones.new_zeros(()) if self.bias is None else self.bias.to(dtype)[None]
+        if scale is None or shift is None:
+            if scale is not None or shift is not None:
+                raise ValueError("GroupNorm32.silu: give both scale and shift, or neither")
+            gain, offset = weight, bias.expand_as(weight)
+        else:
+            gain = 1 + scale.to(dtype).flatten(1)  # [N, C]
+            offset = torch.addcmul(shift.to(dtype).flatten(1), bias, gain)
+            gain = gain * weight
+        return norm_silu(x, gain, offset, self.num_groups, self.eps)
+
+
+class _NormSiLU(torch.autograd.Function):
+    """silu(group_norm(x) * gain + offset) with gain, offset per channel ([1, C]) or per sample
+    and channel ([N, C]).
+
+    Autograd through the separate ops keeps four activation-sized tensors per call for backward
+    (the norm's input, its output, the scale-shift output, and the SiLU input); this keeps `x`
+    and the [N, G] mean and 1/std only, and recomputes the rest in backward. Backward does not
+    run GroupNorm's own backward kernel (slow in channels_last): with z = x * a + b the
+    pre-activation (a, b per sample and channel), dz = silu'(z) * grad, and the group sums
+    S1 = sum(dz), S2 = sum(dz * x) over each channel's pixels, every gradient is per-channel
+    arithmetic plus one pass `dx = A1 * dz + A2 * x + A3` (the same form as PyTorch's GroupNorm
+    backward). Large elementwise passes use mul/add (`addcmul` with broadcast operands is ~3x
+    slower on the CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gain: Tensor, offset: Tensor, groups: int, eps: float) -> Tensor:
+        n, c, h, w = x.shape
+        dtype = gain.dtype
+        z, mean, rstd = torch.native_group_norm(x.to(dtype), None, None, n, c, h * w, groups, eps)
+        z.mul_(gain[:, :, None, None]).add_(offset[:, :, None, None])  # [N, C, H, W]
+        ctx.save_for_backward(x, mean, rstd, gain, offset)  # mean, rstd: [N, G]
+        ctx.groups = groups
+        return F.silu(z, inplace=True).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, mean, rstd, gain, offset = ctx.saved_tensors
+        n, c, h, w = x.shape
+        groups = ctx.groups
+        dtype = gain.dtype
+        xf = x.to(dtype)
+
+        def grouped(t: Tensor) -> Tensor:  # [M, C] -> [M, G, C/G]
+            return t.unflatten(1, (groups, c // groups))
+
+        def per_channel(t: Tensor) -> Tensor:  # [N, G, C/G] or [N, G, 1] -> [N, C, 1, 1]
+            return t.expand(n, groups, c // groups).reshape(n, c, 1, 1)
+
+        r, m = rstd[..., None], mean[..., None]  # [N, G, 1]
+        s = grouped(gain)  # [N or 1, G, C/G]
+        a = r * s  # z = x * a + b, [N, G, C/G]
+        b = grouped(offset) - m * a
+        z = torch.mul(xf, per_channel(a)).add_(per_channel(b))  # [N, C, H, W]
+        dz = torch.ops.aten.silu_backward.grad_input(grad.to(dtype), z, grad_input=z)
+        tmp = torch.mul(dz, xf)
+        s1 = grouped(dz.sum((2, 3)))  # d offset, [N, G, C/G]
+        d_gain = r * (grouped(tmp.sum((2, 3))) - m * s1)  # sum(dz * normalised x)
+        count = (c // groups) * h * w
+        p = (s * s1).sum(-1, keepdim=True) / count  # mean of d normalised over the group
+        q = (s * d_gain).sum(-1, keepdim=True) / count  # ... of (d normalised * normalised)
+        rq = r * q
+        dx = None
+        if ctx.needs_input_grad[0]:
+            torch.mul(xf, per_channel(-(r * rq)), out=tmp).add_(per_channel(r * (rq * m - p)))
+            dx = dz.mul_(per_channel(a)).add_(tmp).to(x.dtype)
+        d_gain, d_offset = d_gain.flatten(1), s1.flatten(1)  # [N, C]
+        if gain.shape[0] != n:
+            d_gain = d_gain.sum(0, keepdim=True)
+        if offset.shape[0] != n:
+            d_offset = d_offset.sum(0, keepdim=True)
+        return dx, d_gain, d_offset, None, None
+
+
+def norm_silu(x: Tensor, gain: Tensor, offset: Tensor, groups: int, eps: float) -> Tensor:
+    """`silu(group_norm(x, groups, eps=eps) * gain + offset)`, keeping only x for backward.
+
+    x: [N, C, H, W]; gain, offset: [1, C] or [N, C] in the dtype to compute in (float32 for
+    half inputs). Returns x's shape, memory format and dtype.
+    """
+    if x.dim() != 4:
+        x4 = x.reshape(*x.shape[:2], -1, 1)  # any spatial rank: the statistics are the same
+        return norm_silu(x4, gain, offset, groups, eps).view(x.shape)
+    return _NormSiLU.apply(x, gain, offset, groups, eps)
 
 
 def normalization(channels: int) -> GroupNorm32:

@@ -254,19 +254,21 @@ class ResBlock(TimestepBlock):
         return self._forward(x, emb)
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        norm_in, act_in, conv_in = self.in_layers
-        h = act_in(norm_in(x))  # [N, C, H, W]
+        # The norm + SiLU pairs of in_layers/out_layers run as one function (GroupNorm32.silu),
+        # which keeps only its input for backward; the Sequentials keep the reference's keys.
+        norm_in, _, conv_in = self.in_layers
+        h = norm_in.silu(x)  # silu(norm_in(x)), [N, C, H, W]
         if self.updown:
             h, x = self.h_upd(h), self.x_upd(x)  # [N, C, H', W']
         h = conv_in(h)  # [N, C_out, H', W']
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # [N, C_out or 2 C_out, 1, 1]
-        norm_out, act_out, drop, conv_out = self.out_layers
+        norm_out, _, drop, conv_out = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # 2 x [N, C_out, 1, 1]
-            h = norm_out.modulate(h, scale, shift)  # norm_out(h) * (1 + scale) + shift
+            h = norm_out.silu(h, scale, shift)  # silu(norm_out(h) * (1 + scale) + shift)
         else:
-            h = norm_out(h + emb_out)
-        h = conv_out(drop(act_out(h)))  # [N, C_out, H', W']
+            h = norm_out.silu(h + emb_out)
+        h = conv_out(drop(h))  # [N, C_out, H', W']
         return self.skip_connection(x) + h
 
 
@@ -480,7 +482,8 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)  # [N, C_mid, H/ds_max, W/ds_max]
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # [N, C_l, H/ds, W/ds]
-        return self.out(h).contiguous()  # [N, out_channels, H, W]
+        norm, _, conv = self.out
+        return conv(norm.silu(h)).contiguous()  # [N, out_channels, H, W]
 
 
 def upsample_low_res(low_res: Tensor, size: Sequence[int]) -> Tensor:
