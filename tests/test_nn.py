@@ -159,6 +159,9 @@ def test_norm_silu_equals_norm_then_scale_shift_then_silu(dtype, modulated) -> N
     torch.testing.assert_close(out.to(wide), ref, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="both scale and shift"):
         norm.silu(x, scale, None)
+    strided = torch.randn(2, 128, 5, 5, dtype=dtype)[:, ::2]  # neither layout: copied once
+    ref = torch.nn.functional.silu(norm(strided.contiguous()).to(wide))
+    torch.testing.assert_close(norm.silu(strided).to(wide), ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

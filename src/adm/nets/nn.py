@@ -153,6 +153,8 @@ def norm_silu(x: Tensor, gain: Tensor, offset: Tensor, groups: int, eps: float) 
     if x.dim() != 4:
         x4 = x.reshape(*x.shape[:2], -1, 1)  # any spatial rank: the statistics are the same
         return norm_silu(x4, gain, offset, groups, eps).view(x.shape)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()  # the kernel takes either layout, not arbitrary strides
     return _NormSiLU.apply(x, gain, offset, groups, eps)
 
 
