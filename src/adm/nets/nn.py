@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "GroupNorm32",
@@ -106,6 +107,7 @@ class _NormSiLU(torch.autograd.Function):
         return F.silu(z, inplace=True).to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # the backward writes in place: a second derivative raises
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, mean, rstd, gain, offset = ctx.saved_tensors
         n, c, h, w = x.shape
