@@ -11,11 +11,11 @@ ratio of process CPU times (not inflated by other processes' load; with `--threa
 of the undisturbed ratio), the load average and the CPU capability.
 
 Measurements are KIND:NETWORK:BATCH. Kinds: `fwd` (no_grad forward), `fwdbwd` (train mode,
-forward, mean square loss, backward into the weights), `guided` (classifier-guided DDIM loop, `--steps`; adm's
-`samplers.ddim_sample` + `guidance.classifier_cond_fn` against the original's `ddim_sample_loop`
-with `cond_fn` as in its scripts/classifier_sample.py; the network's released classifier guides),
-`mem` (peak memory of one forward+backward: CPU peak RSS in a fresh subprocess per
-implementation, CUDA max_memory_allocated). Networks: see `--help`.
+forward, mean square loss, backward into the weights), `guided` (classifier-guided DDIM loop,
+`--steps`; adm's `samplers.ddim_sample` + `guidance.classifier_cond_fn` against the original's
+`ddim_sample_loop` with `cond_fn` as in its scripts/classifier_sample.py; the network's released
+classifier guides), `mem` (peak memory of one forward+backward: CPU peak RSS in a fresh
+subprocess per implementation, CUDA max_memory_allocated). Networks: see `--help`.
 
     python benchmarks/bench_vs_original.py --original /path/to/guided-diffusion
     python benchmarks/bench_vs_original.py --quick            # tiny networks, seconds

@@ -164,6 +164,15 @@ def test_norm_silu_equals_norm_then_scale_shift_then_silu(dtype, modulated) -> N
     torch.testing.assert_close(norm.silu(strided).to(wide), ref, rtol=tol, atol=tol)
 
 
+def test_norm_silu_without_affine_parameters() -> None:
+    norm = GroupNorm32(8, 16, affine=False)
+    x = torch.randn(2, 16, 3, 3)
+    scale, shift = torch.randn(2, 16, 1, 1), torch.randn(2, 16, 1, 1)
+    silu = torch.nn.functional.silu
+    torch.testing.assert_close(norm.silu(x), silu(norm(x)))
+    torch.testing.assert_close(norm.silu(x, scale, shift), silu(norm(x) * (1 + scale) + shift))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_norm_silu_gradients(channels_last: bool) -> None:
     """The hand-written backward against finite differences (float64), for the input, the

@@ -67,17 +67,20 @@ class GroupNorm32(nn.GroupNorm):
         Computed in float32 like `forward`, returned in x's dtype.
         """
         dtype = torch.promote_types(x.dtype, torch.float32)
-        ones = torch.ones(1, x.shape[1], dtype=dtype, device=x.device)
-        weight = ones if self.weight is None else self.weight.to(dtype)[None]  # [1, C]
-        bias = ones.new_zeros(()) if self.bias is None else self.bias.to(dtype)[None]
+        weight = None if self.weight is None else self.weight.to(dtype)[None]  # [1, C]
+        bias = None if self.bias is None else self.bias.to(dtype)[None]
         if scale is None or shift is None:
             if scale is not None or shift is not None:
                 raise ValueError("GroupNorm32.silu: give both scale and shift, or neither")
-            gain, offset = weight, bias.expand_as(weight)
+            gain = x.new_ones(1, x.shape[1], dtype=dtype) if weight is None else weight
+            offset = x.new_zeros(1, x.shape[1], dtype=dtype) if bias is None else bias
         else:
             gain = 1 + scale.to(dtype).flatten(1)  # [N, C]
-            offset = torch.addcmul(shift.to(dtype).flatten(1), bias, gain)
-            gain = gain * weight
+            offset = shift.to(dtype).flatten(1)
+            if bias is not None:
+                offset = torch.addcmul(offset, bias, gain)
+            if weight is not None:
+                gain = gain * weight
         return norm_silu(x, gain, offset, self.num_groups, self.eps)
 
 
@@ -100,8 +103,16 @@ class _NormSiLU(torch.autograd.Function):
     def forward(ctx, x: Tensor, gain: Tensor, offset: Tensor, groups: int, eps: float) -> Tensor:
         n, c, h, w = x.shape
         dtype = gain.dtype
-        z, mean, rstd = torch.native_group_norm(x.to(dtype), None, None, n, c, h * w, groups, eps)
-        z.mul_(gain[:, :, None, None]).add_(offset[:, :, None, None])  # [N, C, H, W]
+        xf, hw = x.to(dtype), h * w
+        if gain.shape[0] == 1:  # per channel: the norm kernel applies it, as F.group_norm does
+            z, mean, rstd = torch.native_group_norm(xf, gain[0], offset[0], n, c, hw, groups, eps)
+        else:
+            z, mean, rstd = torch.native_group_norm(xf, None, None, n, c, hw, groups, eps)
+            gain4, offset4 = gain[:, :, None, None], offset[:, :, None, None]
+            if z.is_cuda:
+                torch.addcmul(offset4, z, gain4, out=z)  # one kernel
+            else:  # addcmul with broadcast operands is ~3x slower than mul + add on the CPU
+                z.mul_(gain4).add_(offset4)
         ctx.save_for_backward(x, mean, rstd, gain, offset)  # mean, rstd: [N, G]
         ctx.groups = groups
         return F.silu(z, inplace=True).to(x.dtype)
