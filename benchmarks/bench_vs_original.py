@@ -51,6 +51,7 @@ from adm.models.presets import build_model, get_preset
 from adm.nets import unet as adm_unet
 
 TOLERANCE = 1e-4  # max |adm - original| relative to max |original|
+GRAD_TOLERANCE = 1e-3  # the same for every gradient of one forward + backward (see check_gradients)
 KINDS = ("fwd", "fwdbwd", "guided", "mem")
 DEFAULT = ("fwd:33m:4", "fwd:64x64:1", "fwd:128x128_classifier:4", "fwdbwd:33m:4", "guided:33m:1")
 DEFAULT += ("fwdbwd:33m_dropout:4", "mem:33m:4")
@@ -140,6 +141,7 @@ class Pairs:
         self.script_util, self.device, self.options = script_util, device, options
         self.built: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
         self.agreement: dict[str, float] = {}
+        self.grad_agreement: dict[str, tuple[float, str]] = {}
 
     def get(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(adm network, original network) on the device, adm prepared as for inference."""
@@ -188,6 +190,44 @@ def check_agreement(ours, original, config: NetworkConfig) -> float:
     return rel
 
 
+def check_gradients(ours, original, config: NetworkConfig) -> tuple[float, str]:
+    """One forward + backward of both networks (eval mode, so no dropout; TF32 off), mean-square
+    loss: the worst disagreement over the input's and every weight's gradient, as
+    (max |adm - original| / max(max |original|, 1e-3 x the largest gradient), tensor name).
+    The floor keeps gradients that are zero in exact arithmetic (a bias feeding a GroupNorm) from
+    reading as disagreement. Exits above GRAD_TOLERANCE."""
+    device = next(ours.parameters()).device
+    x, t, kwargs = inputs(config, 2, device, seed=3)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    grads = []
+    try:
+        for net in (ours, original):
+            trainable = [p.requires_grad for p in net.parameters()]
+            net.eval().requires_grad_(True)
+            xi = x.clone().requires_grad_(True)
+            net(xi, t, **kwargs).float().square().mean().backward()
+            named = {"input": xi.grad}
+            named.update({n: p.grad for n, p in net.named_parameters()})
+            grads.append({n: g.detach().float() for n, g in named.items() if g is not None})
+            for p, flag in zip(net.parameters(), trainable, strict=True):
+                p.grad = None
+                p.requires_grad_(flag)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    a, b = grads
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))[:5]
+        raise SystemExit(f"gradients differ in which tensors get one: {only}")
+    floor = 1e-3 * max(g.abs().max().item() for g in b.values())
+    worst = max(
+        (((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=floor)).item(), n) for n in b
+    )
+    if not worst[0] <= GRAD_TOLERANCE:
+        raise SystemExit(f"gradients differ: {worst[1]} by {worst[0]:.2e} of its scale")
+    return worst
+
+
 def forward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
     ours, original = pairs.get(m.network)
     x, t, kwargs = inputs(NETWORKS[m.network]().config, m.batch, pairs.device)
@@ -204,8 +244,11 @@ def forward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
 
 def backward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
     ours, original = pairs.get(m.network)
+    config = NETWORKS[m.network]().config
+    if m.network not in pairs.grad_agreement:  # the hand-written backward passes checked
+        pairs.grad_agreement[m.network] = check_gradients(ours, original, config)
     ours.requires_grad_(True)  # prepared for inference; the weights need gradients here
-    x, t, kwargs = inputs(NETWORKS[m.network]().config, m.batch, pairs.device)
+    x, t, kwargs = inputs(config, m.batch, pairs.device)
     return {"adm": _step(ours, x, t, kwargs), "original": _step(original, x, t, kwargs)}
 
 
@@ -381,6 +424,14 @@ def report(results: list[dict], pairs: Pairs, env: dict) -> str:
         describe_machine(env["before"], env["after"]) + f"; device {pairs.device}",
         "agreement (max |adm - original| / max |original|, one forward): "
         + ", ".join(f"{k} {v:.1e}" for k, v in pairs.agreement.items()),
+    ]
+    if pairs.grad_agreement:
+        lines.append(
+            "gradient agreement (worst input or weight gradient, max |adm - original| / its max, "
+            "one fwd+bwd): "
+            + ", ".join(f"{k} {v:.1e} ({n})" for k, (v, n) in pairs.grad_agreement.items())
+        )
+    lines += [
         "",
         "| measurement | params | adm s | original s | original/adm (median) | min-max | IQR "
         "| disturbed pairs | wall, all pairs | CPU time, all pairs |",
@@ -495,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, pairs, env))
     if args.json:
         raw = {"env": env, "agreement": pairs.agreement, "steps": args.steps, "results": results}
+        raw["gradient_agreement"] = pairs.grad_agreement
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)
     return 0

@@ -106,14 +106,17 @@ def test_comparison_against_the_original_on_tiny_networks(tmp_path):
         "--measure",
         "fwd:tiny_classifier:1",
         "guided:tiny:1",
+        "fwdbwd:tiny:1",
     ]
     argv += ["--repeats", "1", "--repeats-guided", "1", "--warmup", "0", "--steps", "ddim2"]
     assert bench.main([*argv, "--json", str(out)]) == 0
     raw = json.loads(out.read_text())
     assert set(raw["agreement"]) == {"tiny", "tiny_classifier"}
     assert all(v <= bench.TOLERANCE for v in raw["agreement"].values())
-    fwd, guided = raw["results"]
+    fwd, guided, fwdbwd = raw["results"]
     assert fwd["pairs"] == guided["pairs"] == 1 and fwd["ratio"] > 0 and guided["ratio"] > 0
+    worst, name = raw["gradient_agreement"]["tiny"]  # the fused norm + SiLU's backward
+    assert worst <= bench.GRAD_TOLERANCE and fwdbwd["ratio"] > 0, name
     assert guided["sample_max_abs_diff"] < 1e-3
     assert raw["env"]["before"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
@@ -124,10 +127,13 @@ def test_a_weight_that_differs_fails_the_agreement_check():
     config = bench.NETWORKS["tiny_classifier"]().config
     ours, original = bench.build_pair(script_util, config, torch.device("cpu"), bench.AdmOptions())
     assert bench.check_agreement(ours, original, config) <= bench.TOLERANCE
+    assert bench.check_gradients(ours, original, config)[0] <= bench.GRAD_TOLERANCE
     with torch.no_grad():
         next(original.parameters()).mul_(1.01)
     with pytest.raises(SystemExit, match="outputs differ"):
         bench.check_agreement(ours, original, config)
+    with pytest.raises(SystemExit, match="gradients differ"):
+        bench.check_gradients(ours, original, config)
 
 
 @pytest.mark.slow
