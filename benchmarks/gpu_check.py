@@ -76,7 +76,7 @@ class Sizes:
 
 # the dry run compiles with the "eager" backend: the same graph capture, no minutes of C++ builds
 DRY = Sizes("tiny_diffusion", "tiny_classifier", 2, "ddim2", "tiny_diffusion", 2, 1, "eager",
-            ("fwd:tiny:2", "guided:tiny:1", "mem:tiny:2"))  # fmt: skip
+            ("fwd:tiny:2", "fwdbwd:tiny:2", "guided:tiny:1", "mem:tiny:2"))  # fmt: skip
 
 
 class Budget:
