@@ -171,6 +171,8 @@ def test_norm_silu_without_affine_parameters() -> None:
     silu = torch.nn.functional.silu
     torch.testing.assert_close(norm.silu(x), silu(norm(x)))
     torch.testing.assert_close(norm.silu(x, scale, shift), silu(norm(x) * (1 + scale) + shift))
+    tokens = torch.randn(2, 16, 7)  # [N, C, L]: any spatial rank
+    torch.testing.assert_close(norm.silu(tokens), silu(norm(tokens)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
