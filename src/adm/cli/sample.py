@@ -321,15 +321,24 @@ def load_classifier(args: argparse.Namespace, preset, device: torch.device):
         classifier, clf_preset = checkpoint.load_model(args.classifier, device=device)
     except (ValueError, OSError) as err:
         raise UserError(f"--classifier: {err}") from None
-    if clf_preset.kind != "classifier":
-        raise UserError(f"--classifier {args.classifier} is a {clf_preset.kind} model")
-    if clf_preset.network.image_size != preset.network.image_size:
-        raise UserError(
-            f"--classifier {args.classifier} works at {clf_preset.network.image_size}px but "
-            f"the model samples {preset.network.image_size}px images"
-        )
+    problem = classifier_mismatch(args.classifier, clf_preset, preset)
+    if problem:
+        raise UserError(problem)
     scale = args.classifier_scale
     return classifier, preset.sampling.classifier_scale if scale is None else scale
+
+
+def classifier_mismatch(path: str, clf_preset, preset) -> str | None:
+    """Why the model loaded from `--classifier path` cannot guide the diffusion model of
+    `preset` (not a classifier, another resolution), or None when it can."""
+    if clf_preset.kind != "classifier":
+        return f"--classifier {path} is a {clf_preset.kind} model"
+    if clf_preset.network.image_size != preset.network.image_size:
+        return (
+            f"--classifier {path} works at {clf_preset.network.image_size}px but the model "
+            f"samples {preset.network.image_size}px images"
+        )
+    return None
 
 
 def prepare_networks(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adm.cli.sample import prepare_networks
+from adm.cli.sample import classifier_mismatch, prepare_networks
 from adm.cli.sweep_run import Subject, SweepSettings
 from adm.diffusion.gaussian import Diffusion
 
@@ -135,13 +135,9 @@ def load_checkpoint_models(
     classifier, num_classes = None, preset.network.num_classes
     if inputs.classifier:
         classifier, clf = checkpoint.load_model(inputs.classifier, device=device)
-        if clf.kind != "classifier":
-            raise ValueError(f"--classifier {inputs.classifier} is a {clf.kind} model")
-        if clf.network.image_size != preset.network.image_size:
-            raise ValueError(
-                f"--classifier works at {clf.network.image_size}px but the model samples "
-                f"{preset.network.image_size}px images"
-            )
+        problem = classifier_mismatch(inputs.classifier, clf, preset)
+        if problem:
+            raise ValueError(problem)
         n = classifier.config.out_channels
         num_classes = n if num_classes is None else min(num_classes, n)
     if num_classes is None:
