@@ -17,9 +17,16 @@ forward, mean square loss, backward into the weights), `guided` (classifier-guid
 classifier guides), `mem` (peak memory of one forward+backward: CPU peak RSS in a fresh
 subprocess per implementation, CUDA max_memory_allocated). Networks: see `--help`.
 
+adm's networks are prepared as its commands prepare them: `fwd` and `guided` as `adm sample` does
+(channels_last on the CPU), `fwdbwd` as `adm train` does (NCHW on the CPU). The ratio varies more
+from process to process than between pairs in one process (allocator and thread placement):
+`--processes N` runs the timed measurements in N fresh processes, one after another, and reports
+the median of their median ratios with its min-max.
+
     python benchmarks/bench_vs_original.py --original /path/to/guided-diffusion
     python benchmarks/bench_vs_original.py --quick            # tiny networks, seconds
     python benchmarks/bench_vs_original.py --measure fwd:64x64:1 guided:33m:1 --json out.json
+    python benchmarks/bench_vs_original.py --measure fwdbwd:33m:4 --processes 8
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,23 +152,35 @@ class Pairs:
         self.agreement: dict[str, float] = {}
         self.grad_agreement: dict[str, tuple[float, str]] = {}
 
-    def get(self, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(adm network, original network) on the device, adm prepared as for inference."""
-        if name not in self.built:
+    def get(self, name: str, trainable: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(adm network, original network) on the device, adm prepared as adm's commands prepare
+        it: for inference (`adm sample`), or for training (`adm train`) when `trainable`. On the
+        CPU the two differ in memory format (`prepare_model`: channels_last for inference, NCHW
+        for training), so a training step is timed in the layout `adm train` uses."""
+        key = f"{name}:train" if trainable else name
+        if key not in self.built:
             config = NETWORKS[name]().config
-            self.built[name] = build_pair(self.script_util, config, self.device, self.options)
-            self.agreement[name] = check_agreement(*self.built[name], config)
-        return self.built[name]
+            pair = build_pair(self.script_util, config, self.device, self.options, trainable)
+            self.built[key] = pair
+            rel = check_agreement(*pair, config)
+            self.agreement[name] = max(self.agreement.get(name, 0.0), rel)
+        return self.built[key]
 
 
-def build_pair(script_util, config: NetworkConfig, device: torch.device, options: AdmOptions):
+def build_pair(
+    script_util,
+    config: NetworkConfig,
+    device: torch.device,
+    options: AdmOptions,
+    trainable: bool = False,
+):
     torch.manual_seed(0)
     original = original_code.build_original(script_util, config)
     ours = build_model(config)
     problems = original_code.copy_weights(original, ours)
     if problems:
         raise SystemExit(f"state dicts differ ({len(problems)} keys): " + "; ".join(problems[:5]))
-    return options.prepare(ours, device), original.to(device)
+    return options.prepare(ours, device, trainable).eval(), original.to(device)  # _step: train
 
 
 def inputs(config: NetworkConfig, batch: int, device: torch.device, seed: int = 0):
@@ -243,11 +264,10 @@ def forward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
 
 
 def backward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
-    ours, original = pairs.get(m.network)
+    ours, original = pairs.get(m.network, trainable=True)
     config = NETWORKS[m.network]().config
     if m.network not in pairs.grad_agreement:  # the hand-written backward passes checked
         pairs.grad_agreement[m.network] = check_gradients(ours, original, config)
-    ours.requires_grad_(True)  # prepared for inference; the weights need gradients here
     x, t, kwargs = inputs(config, m.batch, pairs.device)
     return {"adm": _step(ours, x, t, kwargs), "original": _step(original, x, t, kwargs)}
 
@@ -419,6 +439,80 @@ def _memory_line(r: dict, cuda: bool) -> str:
     )
 
 
+def child_argv(argv: list[str], timed: list[Measure], json_path: str) -> list[str]:
+    """The command line of one `--processes` child: the same options, only the timed
+    measurements, one process, its figures written to `json_path`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            if arg.startswith("--"):
+                skip = False
+            else:
+                continue
+        if arg in ("--processes", "--json", "--measure"):
+            skip = True
+            continue
+        if arg.startswith(("--processes=", "--json=", "--measure=")):
+            continue
+        out.append(arg)
+    return [*out, "--measure", *map(str, timed), "--processes", "1", "--json", json_path]
+
+
+def across_processes(
+    timed: list[Measure], args: argparse.Namespace, argv: list[str], pairs: Pairs
+) -> list[dict]:
+    """Every timed measurement in `--processes` fresh processes, one after another: for each,
+    the median of the processes' median ratios, their min-max, and each process's figures."""
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            path = os.path.join(tmp, f"run{i}.json")
+            command = [sys.executable, __file__, *child_argv(argv, timed, path)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise SystemExit(f"process {i + 1} failed: {done.stderr.strip()[-400:]}")
+            with open(path) as f:
+                runs.append(json.load(f))
+            print(f"done process {i + 1}/{args.processes}", file=sys.stderr)
+    for run in runs:
+        for name, rel in run["agreement"].items():
+            pairs.agreement[name] = max(pairs.agreement.get(name, 0.0), rel)
+        for name, (rel, tensor) in run.get("gradient_agreement", {}).items():
+            if rel >= pairs.grad_agreement.get(name, (-1.0, ""))[0]:
+                pairs.grad_agreement[name] = (rel, tensor)
+    results = []
+    for j, m in enumerate(timed):
+        per = [run["results"][j] for run in runs]
+        ratios = [r["ratio"] for r in per]
+        results.append(
+            {
+                "measure": str(m),
+                "params": per[0]["params"],
+                "processes": len(per),
+                "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "ratios": ratios,
+                "adm_s": statistics.median(r["adm_s"] for r in per),
+                "original_s": statistics.median(r["original_s"] for r in per),
+                "disturbed": sum(r["disturbed"] for r in per),
+                "pairs": sum(r["pairs"] for r in per),
+                "loads": [run["env"]["before"]["load_average"][0] for run in runs],
+                "runs": per,
+            }
+        )
+    return results
+
+
+def _process_row(r: dict) -> str:
+    each = " ".join(f"{x:.2f}" for x in r["ratios"])
+    return (
+        f"| {r['measure']} | {r['params'] / 1e6:.1f} M | {r['adm_s']:.3f} | {r['original_s']:.3f} "
+        f"| **{r['ratio']:.2f}** | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {each} "
+        f"| {r['disturbed']}/{r['pairs']} |"
+    )
+
+
 def report(results: list[dict], pairs: Pairs, env: dict) -> str:
     lines = [
         describe_machine(env["before"], env["after"]) + f"; device {pairs.device}",
@@ -431,13 +525,27 @@ def report(results: list[dict], pairs: Pairs, env: dict) -> str:
             "one fwd+bwd): "
             + ", ".join(f"{k} {v:.1e} ({n})" for k, (v, n) in pairs.grad_agreement.items())
         )
-    lines += [
-        "",
-        "| measurement | params | adm s | original s | original/adm (median) | min-max | IQR "
-        "| disturbed pairs | wall, all pairs | CPU time, all pairs |",
-        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|",
-    ]
-    lines += [_row(r) for r in results if "memory" not in r]
+    in_process = [r for r in results if "memory" not in r and "processes" not in r]
+    if in_process:
+        lines += [
+            "",
+            "| measurement | params | adm s | original s | original/adm (median) | min-max | IQR "
+            "| disturbed pairs | wall, all pairs | CPU time, all pairs |",
+            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|",
+        ]
+        lines += [_row(r) for r in in_process]
+    across = [r for r in results if "processes" in r]
+    if across:
+        lines += [
+            "",
+            f"across {across[0]['processes']} fresh processes (each: its median ratio over its "
+            "undisturbed pairs):",
+            "",
+            "| measurement | params | adm s (median) | original s (median) | original/adm, median "
+            "of the processes | min-max | each process | disturbed pairs |",
+            "|---|---:|---:|---:|---:|---|---|---:|",
+        ]
+        lines += [_process_row(r) for r in across]
     lines += [_memory_line(r, pairs.device.type == "cuda") for r in results if "memory" in r]
     return "\n".join(lines)
 
@@ -486,6 +594,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="adm recomputes attention in backward, as the original does (if adm supports it)",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the timed measurements in this many fresh processes, one after another, and "
+        "report the spread of their median ratios (mem runs once, in its own subprocesses)",
+    )
     p.add_argument("--json", default=None, help="also write the raw figures here")
     p.add_argument("--memory-child", choices=["adm", "original"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -500,7 +615,7 @@ def _check(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in (quick if args.quick else default).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("repeats", "repeats_guided", "memory_repeats", "threads"):
+    for name in ("repeats", "repeats_guided", "memory_repeats", "threads", "processes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -539,7 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {"before": timing.machine(), "command": " ".join(["python", *sys.argv])}
     pairs = Pairs(script_util, device, options)
     results = []
+    timed = [m for m in args.measure if m.kind != "mem"]
+    if args.processes > 1 and timed:
+        results += across_processes(timed, args, argv if argv is not None else sys.argv[1:], pairs)
     for m in args.measure:
+        if args.processes > 1 and m.kind != "mem":
+            continue
         results.append(run_measure(m, args, pairs))
         print(f"done {m}", file=sys.stderr)
     env["after"] = timing.machine()

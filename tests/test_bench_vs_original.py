@@ -95,6 +95,54 @@ def test_weight_copy_reports_key_differences():
     assert torch.equal(source.weight, target.weight)
 
 
+def test_process_children_get_the_timed_measurements_and_their_own_json():
+    argv = ["--original", "/x", "--measure", "fwd:33m:4", "mem:33m:4", "--processes", "3"]
+    argv += ["--json", "out.json", "--threads", "2", "--processes=3", "--json=o.json"]
+    timed = [bench.Measure.parse("fwd:33m:4")]
+    child = bench.child_argv(argv, timed, "/tmp/c.json")
+    assert child == [
+        "--original",
+        "/x",
+        "--threads",
+        "2",
+        "--measure",
+        "fwd:33m:4",
+        "--processes",
+        "1",
+        "--json",
+        "/tmp/c.json",
+    ]
+    assert bench.main(["--original", "/x", "--processes", "0"]) == 2
+
+
+@needs_original
+def test_training_step_is_timed_in_the_layout_adm_train_uses():
+    # `adm train` keeps NCHW on the CPU (prepare_model with trainable=True); the sampling
+    # measurements use the inference layout (channels_last on the CPU)
+    script_util = original_code.import_original(original_code.find_original(ORIGINAL))
+    pairs = bench.Pairs(script_util, torch.device("cpu"), bench.AdmOptions())
+    ours, _ = pairs.get("tiny", trainable=True)
+    config = bench.NETWORKS["tiny"]().config
+    trained = bench.prepare_model(bench.build_model(config), device="cpu", trainable=True)
+    layout = bench.adm_unet.input_memory_format
+    assert layout(ours) == layout(trained) and next(ours.parameters()).requires_grad
+    inference, _ = pairs.get("tiny")
+    sampled = bench.prepare_model(bench.build_model(config), device="cpu")
+    assert inference is not ours and layout(inference) == layout(sampled)
+    assert layout(sampled) != layout(trained)  # else this test checks nothing on this machine
+
+
+@needs_original
+def test_processes_report_the_spread_across_fresh_processes(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--original", ORIGINAL, "--threads", "1", "--measure", "fwd:tiny_classifier:1"]
+    argv += ["--repeats", "1", "--warmup", "0", "--processes", "2", "--json", str(out)]
+    assert bench.main(argv) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["processes"] == 2 and len(result["ratios"]) == 2 and len(result["runs"]) == 2
+    assert result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
+
+
 @needs_original
 def test_comparison_against_the_original_on_tiny_networks(tmp_path):
     out = tmp_path / "bench.json"
