@@ -181,11 +181,11 @@ def test_norm_silu_gradients(channels_last: bool) -> None:
     affine parameters and a per-sample scale and shift, in both memory formats."""
     torch.manual_seed(0)
     norm = normalization(64).double()
-    x = torch.randn(3, 64, 4, 5, dtype=torch.float64) * 2 + 1  # offset: exercises the mean terms
+    x = torch.randn(2, 64, 2, 3, dtype=torch.float64) * 2 + 1  # offset: exercises the mean terms
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    scale = torch.randn(3, 64, 1, 1, dtype=torch.float64)
-    shift = torch.randn(3, 64, 1, 1, dtype=torch.float64)
+    scale = torch.randn(2, 64, 1, 1, dtype=torch.float64)
+    shift = torch.randn(2, 64, 1, 1, dtype=torch.float64)
     inputs = (x, scale, shift, norm.weight, norm.bias)
     for t in inputs:
         t.requires_grad_(True)
@@ -196,8 +196,10 @@ def test_norm_silu_gradients(channels_last: bool) -> None:
     def plain(x, scale, shift, weight, bias):
         return norm.silu(x)
 
+    # the full Jacobian (fast_mode's random projections missed a 1% error in dx); a small input
+    # keeps it quick: the Jacobian of [3, 64, 4, 5] took 20 s per memory format
     assert torch.autograd.gradcheck(modulated, inputs)
-    assert torch.autograd.gradcheck(plain, (x, scale, shift, norm.weight, norm.bias))
+    assert torch.autograd.gradcheck(plain, inputs)
 
 
 def test_norm_silu_keeps_only_its_input_for_backward() -> None:
