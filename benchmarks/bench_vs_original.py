@@ -19,9 +19,9 @@ subprocess per implementation, CUDA max_memory_allocated). Networks: see `--help
 
 adm's networks are prepared as its commands prepare them: `fwd` and `guided` as `adm sample` does
 (channels_last on the CPU), `fwdbwd` as `adm train` does (NCHW on the CPU). The ratio varies more
-from process to process than between pairs in one process (allocator and thread placement):
-`--processes N` runs the timed measurements in N fresh processes, one after another, and reports
-the median of their median ratios with its min-max.
+from process to process than between pairs in one process (measured: 1.18-1.32 across eight
+processes for the 33m training step): `--processes N` runs the timed measurements in N fresh
+processes, one after another, and reports the median of their median ratios with its min-max.
 
     python benchmarks/bench_vs_original.py --original /path/to/guided-diffusion
     python benchmarks/bench_vs_original.py --quick            # tiny networks, seconds
