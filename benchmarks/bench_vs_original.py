@@ -273,8 +273,9 @@ def backward_calls(pairs: Pairs, m: Measure) -> dict[str, Callable[[], object]]:
 
 
 def _step(net, x, t, kwargs) -> Callable[[], None]:
-    """One training forward + backward: train mode (dropout as configured, 0.1 for the 64x64
-    configs, on both sides), then back to eval mode for the other measurements."""
+    """One training forward + backward: train mode (dropout as configured: 0 for 33m, 0.1 for
+    33m_dropout and the released 64x64 config, on both sides), then back to eval mode for the
+    other measurements."""
 
     def run() -> None:
         net.train()
@@ -459,13 +460,13 @@ def child_argv(argv: list[str], timed: list[Measure], json_path: str) -> list[st
 
 
 def across_processes(
-    timed: list[Measure], args: argparse.Namespace, argv: list[str], pairs: Pairs
+    timed: list[Measure], processes: int, argv: list[str], pairs: Pairs
 ) -> list[dict]:
     """Every timed measurement in `--processes` fresh processes, one after another: for each,
     the median of the processes' median ratios, their min-max, and each process's figures."""
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.processes):
+        for i in range(processes):
             path = os.path.join(tmp, f"run{i}.json")
             command = [sys.executable, __file__, *child_argv(argv, timed, path)]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -473,7 +474,7 @@ def across_processes(
                 raise SystemExit(f"process {i + 1} failed: {done.stderr.strip()[-400:]}")
             with open(path) as f:
                 runs.append(json.load(f))
-            print(f"done process {i + 1}/{args.processes}", file=sys.stderr)
+            print(f"done process {i + 1}/{processes}", file=sys.stderr)
     for run in runs:
         for name, rel in run["agreement"].items():
             pairs.agreement[name] = max(pairs.agreement.get(name, 0.0), rel)
@@ -654,12 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {"before": timing.machine(), "command": " ".join(["python", *sys.argv])}
     pairs = Pairs(script_util, device, options)
     results = []
-    timed = [m for m in args.measure if m.kind != "mem"]
-    if args.processes > 1 and timed:
-        results += across_processes(timed, args, argv if argv is not None else sys.argv[1:], pairs)
-    for m in args.measure:
-        if args.processes > 1 and m.kind != "mem":
-            continue
+    here = args.measure  # measured in this process; with --processes only mem is
+    if args.processes > 1:
+        timed, here = [m for m in here if m.kind != "mem"], [m for m in here if m.kind == "mem"]
+        command_line = argv if argv is not None else sys.argv[1:]
+        results += across_processes(timed, args.processes, command_line, pairs) if timed else []
+    for m in here:
         results.append(run_measure(m, args, pairs))
         print(f"done {m}", file=sys.stderr)
     env["after"] = timing.machine()
