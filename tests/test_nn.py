@@ -17,6 +17,7 @@ from adm.nets.nn import (
     qkv_attention,
     timestep_embedding,
     token_attention,
+    upsample_nearest2x,
     zero_module,
 )
 from conftest import check_array, golden_cases, load_case
@@ -141,15 +142,17 @@ def test_qkv_attention_dtype_and_errors() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("modulated", [True, False])
-def test_norm_silu_equals_norm_then_scale_shift_then_silu(dtype, modulated) -> None:
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_norm_silu_equals_norm_then_scale_shift_then_silu(dtype, modulated, layout) -> None:
+    """Both memory formats: per-sample gains take a different kernel call in each."""
     norm = normalization(64)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64))
         norm.bias.copy_(torch.randn(64))
-    x = torch.randn(2, 64, 5, 5).to(memory_format=torch.channels_last).to(dtype)
+    x = torch.randn(2, 64, 5, 5).to(memory_format=layout).to(dtype)
     scale, shift = torch.randn(2, 64, 1, 1, dtype=dtype), torch.randn(2, 64, 1, 1, dtype=dtype)
     out = norm.silu(x, scale, shift) if modulated else norm.silu(x)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     ref = norm(x.to(wide))
     if modulated:
@@ -218,6 +221,31 @@ def test_norm_silu_keeps_only_its_input_for_backward() -> None:
     assert big == [x.untyped_storage().data_ptr()]
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,  # NCHW: the two-copy function
+        lambda x: x.to(memory_format=torch.channels_last),  # interpolate
+        lambda x: x[:, :, :, ::2],  # strided: interpolate
+    ],
+)
+def test_upsample_nearest2x_is_interpolate(make) -> None:
+    """The same values as `F.interpolate(mode="nearest")` and the same gradient (the 2x2 sums
+    may add in another order), for any layout and a non-contiguous incoming gradient."""
+    x = make(torch.randn(2, 3, 5, 8))
+    ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    out = upsample_nearest2x(x)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    grad = torch.randn(2, 3, 10, ref.shape[3] * 2)[..., ::2]  # strided, as a slice's gradient
+    a, b = x.detach().requires_grad_(), x.detach().requires_grad_()
+    torch.nn.functional.interpolate(a, scale_factor=2, mode="nearest").backward(grad)
+    upsample_nearest2x(b).backward(grad)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6)
+    x64 = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(upsample_nearest2x, (x64,))
+    assert torch.autograd.gradgradcheck(upsample_nearest2x, (x64,))
 
 
 def test_pointwise_is_the_conv1d() -> None:

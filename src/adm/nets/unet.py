@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from adm.nets.nn import normalization, pointwise, timestep_embedding, token_attention, zero_module
+from adm.nets.nn import (
+    normalization,
+    pointwise,
+    timestep_embedding,
+    token_attention,
+    upsample_nearest2x,
+    zero_module,
+)
 
 __all__ = [
     "AttentionBlock",
@@ -178,7 +185,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")  # [N, C, 2H, 2W]
+        x = upsample_nearest2x(x)  # [N, C, 2H, 2W]
         return x if self.conv is None else self.conv(x)
 
 
