@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adm.nets.nn import (
+    Conv1x1,
     GroupNorm32,
     normalization,
     pointwise,
@@ -248,11 +249,54 @@ def test_upsample_nearest2x_is_interpolate(make) -> None:
     assert torch.autograd.gradgradcheck(upsample_nearest2x, (x64,))
 
 
-def test_pointwise_is_the_conv1d() -> None:
-    conv = torch.nn.Conv1d(8, 24, 1)
-    x = torch.randn(2, 8, 7)  # [B, C, L]
-    out = pointwise(x.transpose(1, 2), conv)  # tokens as a strided view: no copy needed
-    torch.testing.assert_close(out, conv(x).transpose(1, 2), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("batch", [1, 3])  # 3: the batched matmul when autograd records
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_is_the_conv1d(batch: int, bias: bool) -> None:
+    """Values and gradients of the 1x1 Conv1d, for strided (an NCHW activation's) and dense
+    tokens, with autograd recording and without."""
+    conv = torch.nn.Conv1d(8, 24, 1, bias=bias)
+    x = torch.randn(batch, 8, 7)  # [B, C, L]
+    grad = torch.randn(batch, 24, 7)
+    for tokens in (x.transpose(1, 2), x.transpose(1, 2).contiguous()):
+        with torch.no_grad():
+            out = pointwise(tokens, conv)
+        torch.testing.assert_close(out, conv(x).transpose(1, 2), rtol=1e-5, atol=1e-6)
+        a = tokens.detach().requires_grad_()
+        conv.zero_grad()
+        pointwise(a, conv).backward(grad.transpose(1, 2))  # a strided gradient, as in the UNet
+        ours = [a.grad] + [p.grad.clone() for p in conv.parameters()]
+        b = x.detach().requires_grad_()
+        conv.zero_grad()
+        conv(b).backward(grad)
+        ref = [b.grad.transpose(1, 2)] + [p.grad for p in conv.parameters()]
+        for u, v in zip(ours, ref, strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [torch.contiguous_format, torch.channels_last],  # the batched matmul; the conv
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv1x1_is_the_1x1_convolution(layout, bias: bool) -> None:
+    conv = Conv1x1(6, 4)
+    if not bias:
+        conv.bias = None
+    assert list(conv.state_dict()) == (["weight", "bias"] if bias else ["weight"])
+    x = torch.randn(2, 6, 5, 3).to(memory_format=layout).requires_grad_()
+    grad = torch.randn(2, 4, 5, 3)
+    out = conv(x)
+    out.backward(grad)
+    ours = [x.grad] + [p.grad for p in conv.parameters()]
+    ref_x = x.detach().requires_grad_()
+    ref_w = conv.weight.detach().requires_grad_()
+    ref_b = None if conv.bias is None else conv.bias.detach().requires_grad_()
+    ref = torch.nn.functional.conv2d(ref_x, ref_w, ref_b)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    refs = [ref_x.grad, ref_w.grad] + ([] if ref_b is None else [ref_b.grad])
+    for u, v in zip(ours, refs, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("legacy", [True, False])

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adm.nets.nn import (
+    Conv1x1,
     normalization,
     pointwise,
     timestep_embedding,
@@ -253,7 +254,7 @@ class ResBlock(TimestepBlock):
         elif use_conv:
             self.skip_connection = nn.Conv2d(channels, out_channels, 3, padding=1)
         else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+            self.skip_connection = Conv1x1(channels, out_channels)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
