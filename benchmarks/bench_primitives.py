@@ -1,0 +1,233 @@
+"""adm's network primitives against the plain PyTorch formulations, one training call at a time.
+
+Each case builds one set of inputs, checks that adm's primitive and every alternative agree on
+the output and on all gradients (to 1e-4 of each tensor's scale), then times interleaved rounds
+of forward + backward (`timing.interleaved`: adm, alternative, ..., adm, alternative, ...) and
+prints, per alternative, the median of the per-round ratios alternative / adm (> 1: adm is
+faster) with their min-max, and each side's median time. Rounds where either side took over
+1.25x its best are counted as disturbed; the ratio is also given over the undisturbed rounds.
+
+Float32 and NCHW, as `adm train` runs on the CPU; the shapes are the 33m config's (the released
+64x64 model at 64 base channels) at batch 4, or tiny ones with `--quick`:
+
+- `norm_silu_adagn`: `GroupNorm32.silu(h, scale, shift)` (a ResBlock's `out_layers`) against the
+  original's `silu(norm(h) * (1 + scale) + shift)` through autograd;
+- `norm_silu`: `GroupNorm32.silu(x)` (`in_layers`) against `silu(norm(x))`;
+- `upsample`: `upsample_nearest2x` against `F.interpolate(mode="nearest")`;
+- `qkv`: `pointwise` on an NCHW block's tokens (a strided view) against a linear layer on the
+  same tokens and against the original's `Conv1d` on [N, C, L];
+- `skip`: `Conv1x1` (a ResBlock's skip projection) against `F.conv2d`.
+
+    python benchmarks/bench_primitives.py --threads 2            # the 33m shapes
+    python benchmarks/bench_primitives.py --quick --repeats 3     # tiny shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# isort: off
+import adm  # noqa: F401 - first: it sets OMP_WAIT_POLICY (unless set) before torch loads OpenMP
+import torch
+# isort: on
+
+import timing
+import torch.nn.functional as F
+from torch import Tensor
+
+from adm.nets.nn import Conv1x1, normalization, pointwise, upsample_nearest2x
+
+Fn = Callable[[Sequence[Tensor]], Tensor]
+
+
+@dataclass
+class Case:
+    """One primitive: its inputs and parameters (all get gradients), adm's call, alternatives."""
+
+    name: str
+    shape: str
+    inputs: list[Tensor]
+    params: list[Tensor]
+    ours: Fn
+    others: dict[str, Fn]
+    layout: Callable[[Tensor], Tensor] = lambda out: out  # an alternative's output -> adm's
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return self.inputs + self.params
+
+
+def _leaf(*shape: int, scale: float = 1.0, offset: float = 0.0) -> Tensor:
+    return (torch.randn(*shape) * scale + offset).requires_grad_()
+
+
+def cases(quick: bool) -> list[Case]:
+    """The benchmark's cases at the 33m config's shapes (batch 4), or tiny ones."""
+    n = 2 if quick else 4
+    c, side, out = (64, 8, 32) if quick else (128, 32, 64)  # skip: [4, 192, 64, 64] -> 64
+    norm = normalization(c)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+        norm.bias.normal_(0.0, 0.1)
+    big = (n, c, 2 * side, 2 * side)  # the 64x64 level (tiny: 16x16)
+    found = [
+        Case(
+            "norm_silu_adagn",
+            str(list(big)),
+            [_leaf(*big, scale=2, offset=1), _leaf(n, c, 1, 1, scale=0.1), _leaf(n, c, 1, 1)],
+            list(norm.parameters()),
+            lambda t: norm.silu(t[0], t[1], t[2]),
+            {"original": lambda t: F.silu(norm(t[0]) * (1 + t[1]) + t[2])},
+        ),
+        Case(
+            "norm_silu",
+            str(list(big)),
+            [_leaf(*big, scale=2, offset=1)],
+            list(norm.parameters()),
+            lambda t: norm.silu(t[0]),
+            {"original": lambda t: F.silu(norm(t[0]))},
+        ),
+        Case(
+            "upsample",
+            str([n, c, side, side]),
+            [_leaf(n, c, side, side)],
+            [],
+            lambda t: upsample_nearest2x(t[0]),
+            {"interpolate": lambda t: F.interpolate(t[0], scale_factor=2, mode="nearest")},
+        ),
+    ]
+    qkv = torch.nn.Conv1d(c, 3 * c, 1)
+    length = side * side
+    found.append(
+        Case(
+            "qkv",
+            f"{[n, c, length]} -> {3 * c}",
+            [_leaf(n, c, length)],
+            list(qkv.parameters()),
+            lambda t: pointwise(t[0].transpose(1, 2), qkv),
+            {
+                "linear": lambda t: F.linear(t[0].transpose(1, 2), qkv.weight[..., 0], qkv.bias),
+                "conv1d (original)": lambda t: qkv(t[0]),
+            },
+            layout=lambda out: out.transpose(1, 2) if out.shape[1] == 3 * c else out,
+        )
+    )
+    skip_in = 96 if quick else 192
+    skip = Conv1x1(skip_in, out)
+    found.append(
+        Case(
+            "skip",
+            f"{[n, skip_in, 2 * side, 2 * side]} -> {out}",
+            [_leaf(n, skip_in, 2 * side, 2 * side)],
+            list(skip.parameters()),
+            lambda t: skip(t[0]),
+            {"conv2d": lambda t: F.conv2d(t[0], skip.weight, skip.bias)},
+        )
+    )
+    return found
+
+
+def _grads(case: Case, fn: Fn, grad: Tensor) -> list[Tensor]:
+    out = case.layout(fn(case.inputs))
+    return [out.detach(), *torch.autograd.grad(out, case.tensors, grad)]
+
+
+def check(case: Case) -> float:
+    """The largest difference, relative to each tensor's scale, between adm's output and
+    gradients and every alternative's. Raises ValueError above 1e-4."""
+    torch.manual_seed(0)
+    ours = case.ours(case.inputs)
+    grad = torch.randn_like(ours)
+    want = _grads(case, case.ours, grad)
+    worst = 0.0
+    for name, fn in case.others.items():
+        got = _grads(case, fn, grad)
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+            what = "the output" if i == 0 else f"gradient {i - 1}"
+            if not err <= 1e-4:
+                raise ValueError(
+                    f"{case.name}: adm and {name} differ in {what} by {err:.2e} of its scale"
+                )
+            worst = max(worst, err)
+    return worst
+
+
+def measure(case: Case, repeats: int) -> dict[str, object]:
+    """Interleaved forward + backward rounds of adm and each alternative; ratios per round."""
+    grad = torch.randn_like(case.ours(case.inputs))
+
+    def train(fn: Fn) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(case.layout(fn(case.inputs)), case.tensors, grad)
+
+    calls = {"adm": train(case.ours)} | {k: train(f) for k, f in case.others.items()}
+    timed = timing.interleaved(calls, repeats, warmup=2)
+    ours = timed["adm"]
+    row: dict[str, object] = {"adm_ms": 1e3 * statistics.median(ours.times)}
+    for name in case.others:
+        theirs = timed[name]
+        ratios = [b / a for a, b in zip(ours.times, theirs.times, strict=True)]
+        clean = [
+            r
+            for r, d1, d2 in zip(ratios, ours.disturbed, theirs.disturbed, strict=True)
+            if not (d1 or d2)
+        ]
+        row[name] = {
+            "ms": 1e3 * statistics.median(theirs.times),
+            "ratio": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "undisturbed_ratio": statistics.median(clean) if clean else None,
+            "disturbed": len(ratios) - len(clean),
+        }
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per case (15)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    before = timing.machine()
+    print(f"machine: {json.dumps(before)}")
+    rows = {}
+    for case in cases(args.quick):
+        err = check(case)
+        row = measure(case, args.repeats)
+        row["agreement"] = err
+        rows[case.name] = row
+        print(f"\n{case.name} {case.shape}: adm {row['adm_ms']:.2f} ms fwd+bwd (agree {err:.1e})")
+        for name in case.others:
+            r = row[name]
+            assert isinstance(r, dict)
+            clean = r["undisturbed_ratio"]
+            print(
+                f"  {name:18s} {r['ms']:8.2f} ms  {name}/adm {r['ratio']:.2f}x "
+                f"({r['min']:.2f}-{r['max']:.2f}; undisturbed "
+                f"{'-' if clean is None else f'{clean:.2f}x'}, {r['disturbed']} disturbed)"
+            )
+    after = timing.machine()
+    print(f"\nload average at the end: {after['load_average']}")
+    if args.json is not None:
+        report = {"machine": before, "load_end": after["load_average"], "cases": rows}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

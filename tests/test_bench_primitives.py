@@ -1,0 +1,54 @@
+"""benchmarks/bench_primitives.py: a smoke run on tiny shapes, its agreement check, its errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_primitives as bench
+
+
+def test_quick_run_reports_every_case_and_alternative(tmp_path, capsys):
+    out = tmp_path / "primitives.json"
+    assert bench.main(["--quick", "--repeats", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    names = {"norm_silu_adagn", "norm_silu", "upsample", "qkv", "skip"}
+    assert set(report["cases"]) == names
+    for case in bench.cases(quick=True):
+        row = report["cases"][case.name]
+        assert row["agreement"] <= 1e-4 and row["adm_ms"] > 0
+        for other in case.others:
+            assert row[other]["ratio"] > 0 and row[other]["min"] <= row[other]["max"]
+            assert f"{other}/adm" in printed
+
+
+def test_a_primitive_that_disagrees_is_refused_before_timing():
+    case = bench.cases(quick=True)[2]  # upsample
+    assert case.name == "upsample"
+    case.ours = lambda t: bench.upsample_nearest2x(t[0]) * 1.001
+    with pytest.raises(ValueError, match="upsample: adm and interpolate differ in the output"):
+        bench.check(case)
+    case.ours = lambda t: bench.upsample_nearest2x(t[0] * 1.0) + 0 * t[0].sum()
+    bench.check(case)  # the same values and gradients: accepted
+    case = bench.cases(quick=True)[0]  # AdaGN with the shift's gradient cut off: values agree
+    original = case.others["original"]
+    case.ours = lambda t: original([t[0], t[1], t[2].detach()]) + 0 * t[2]
+    with pytest.raises(ValueError, match=r"norm_silu_adagn: .* differ in gradient 2 "):
+        bench.check(case)
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"]])
+def test_bad_values_are_one_line_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quick", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be at least 1" in err and "Traceback" not in err
