@@ -20,6 +20,7 @@ Float32 and NCHW, as `adm train` runs on the CPU; the shapes are the 33m config'
 
     python benchmarks/bench_primitives.py --threads 2            # the 33m shapes
     python benchmarks/bench_primitives.py --quick --repeats 3     # tiny shapes, a smoke run
+    python benchmarks/bench_primitives.py --device cuda           # (gpu_check.sh runs this too)
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ class Case:
         return self.inputs + self.params
 
 
-def _leaf(*shape: int, scale: float = 1.0, offset: float = 0.0) -> Tensor:
-    return (torch.randn(*shape) * scale + offset).requires_grad_()
+def cases(quick: bool, device: str = "cpu") -> list[Case]:
+    """The benchmark's cases at the 33m config's shapes (batch 4), or tiny ones, on `device`."""
 
+    def _leaf(*shape: int, scale: float = 1.0, offset: float = 0.0) -> Tensor:
+        return (torch.randn(*shape, device=device) * scale + offset).requires_grad_()
 
-def cases(quick: bool) -> list[Case]:
-    """The benchmark's cases at the 33m config's shapes (batch 4), or tiny ones."""
     n = 2 if quick else 4
     c, side, out = (64, 8, 32) if quick else (128, 32, 64)  # skip: [4, 192, 64, 64] -> 64
-    norm = normalization(c)
+    norm = normalization(c).to(device)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.1)
         norm.bias.normal_(0.0, 0.1)
@@ -102,7 +103,7 @@ def cases(quick: bool) -> list[Case]:
             {"interpolate": lambda t: F.interpolate(t[0], scale_factor=2, mode="nearest")},
         ),
     ]
-    qkv = torch.nn.Conv1d(c, 3 * c, 1)
+    qkv = torch.nn.Conv1d(c, 3 * c, 1).to(device)
     length = side * side
     found.append(
         Case(
@@ -119,7 +120,7 @@ def cases(quick: bool) -> list[Case]:
         )
     )
     skip_in = 96 if quick else 192
-    skip = Conv1x1(skip_in, out)
+    skip = Conv1x1(skip_in, out).to(device)
     found.append(
         Case(
             "skip",
@@ -189,11 +190,36 @@ def measure(case: Case, repeats: int) -> dict[str, object]:
     return row
 
 
+def run(quick: bool, repeats: int, device: str = "cpu") -> tuple[str, dict[str, object]]:
+    """Check and time every case: the report's text and its figures."""
+    lines = []
+    rows: dict[str, object] = {}
+    for case in cases(quick, device):
+        err = check(case)
+        row = measure(case, repeats)
+        row["agreement"] = err
+        rows[case.name] = row
+        lines.append(
+            f"\n{case.name} {case.shape}: adm {row['adm_ms']:.2f} ms fwd+bwd (agree {err:.1e})"
+        )
+        for name in case.others:
+            r = row[name]
+            assert isinstance(r, dict)
+            clean = r["undisturbed_ratio"]
+            lines.append(
+                f"  {name:18s} {r['ms']:8.2f} ms  {name}/adm {r['ratio']:.2f}x "
+                f"({r['min']:.2f}-{r['max']:.2f}; undisturbed "
+                f"{'-' if clean is None else f'{clean:.2f}x'}, {r['disturbed']} disturbed)"
+            )
+    return "\n".join(lines), rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per case (15)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -202,29 +228,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     torch.manual_seed(0)
     before = timing.machine()
-    print(f"machine: {json.dumps(before)}")
-    rows = {}
-    for case in cases(args.quick):
-        err = check(case)
-        row = measure(case, args.repeats)
-        row["agreement"] = err
-        rows[case.name] = row
-        print(f"\n{case.name} {case.shape}: adm {row['adm_ms']:.2f} ms fwd+bwd (agree {err:.1e})")
-        for name in case.others:
-            r = row[name]
-            assert isinstance(r, dict)
-            clean = r["undisturbed_ratio"]
-            print(
-                f"  {name:18s} {r['ms']:8.2f} ms  {name}/adm {r['ratio']:.2f}x "
-                f"({r['min']:.2f}-{r['max']:.2f}; undisturbed "
-                f"{'-' if clean is None else f'{clean:.2f}x'}, {r['disturbed']} disturbed)"
-            )
+    print(f"machine: {json.dumps(before)}; device {args.device}")
+    text, rows = run(args.quick, args.repeats, args.device)
+    print(text)
     after = timing.machine()
     print(f"\nload average at the end: {after['load_average']}")
     if args.json is not None:
-        report = {"machine": before, "load_end": after["load_average"], "cases": rows}
+        report = {"machine": before, "device": args.device, "load_end": after["load_average"]}
+        report["cases"] = rows
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

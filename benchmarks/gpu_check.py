@@ -9,7 +9,9 @@ Sections, each in its own try (a failure is recorded and the rest go on), under 
    bf16 peak (benchmarks/bench_train.py's table);
 4. training img/s of the 64x64 config (adm's real train step, bf16) against the paper's 74.1 img/s
    per V100;
-5. benchmarks/bench_vs_original.py on the GPU, when the original code is present.
+5. benchmarks/bench_vs_original.py on the GPU, when the original code is present;
+6. benchmarks/bench_primitives.py on the GPU: adm's primitives (the fused norm + SiLU's NCHW path
+   included) against the plain PyTorch formulations, values and gradients checked, then timed.
 
 `--dry-run` runs every section on the CPU at tiny sizes (tiny presets, batch 2, DDIM-3) in a minute
 or two and writes to a scratch file instead of RESULTS.md.
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 # isort: on
 
+import bench_primitives
 import bench_train
 import bench_unet
 import bench_vs_original
@@ -323,6 +326,12 @@ def vs_original(device: torch.device, sizes: Sizes, budget: Budget, root: Path |
     return f"`bench_vs_original.py {' '.join(argv)}` (exit {code}):\n\n" + out.getvalue().strip()
 
 
+def primitives(device: torch.device, sizes: Sizes, budget: Budget) -> str:
+    budget.check(10, "the primitives")
+    text, _ = bench_primitives.run(sizes is DRY, sizes.repeats + 2, device.type)
+    return f"`bench_primitives.py --device {device.type}` (fp32, NCHW):\n\n```{text}\n```"
+
+
 # ---- driver ---------------------------------------------------------------------------------
 
 
@@ -403,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         ("training throughput", 60, lambda: training(device, sizes, budget)),
         ("against the original (bench_vs_original.py)", 120,
          lambda: vs_original(device, sizes, budget, root)),
+        ("primitives against plain PyTorch (bench_primitives.py)", 30,
+         lambda: primitives(device, sizes, budget)),
         ("guided DDIM sampling throughput, compiled", 300,
          lambda: sampling_throughput(device, sizes, budget, root, compiled=True)),
     ]  # fmt: skip
