@@ -3,9 +3,9 @@
 Each case builds one set of inputs, checks that adm's primitive and every alternative agree on
 the output and on all gradients (to 1e-4 of each tensor's scale), then times interleaved rounds
 of forward + backward (`timing.interleaved`: adm, alternative, ..., adm, alternative, ...) and
-prints, per alternative, the median of the per-round ratios alternative / adm (> 1: adm is
-faster) with their min-max, and each side's median time. Rounds where either side took over
-1.25x its best are counted as disturbed; the ratio is also given over the undisturbed rounds.
+prints, per alternative, `timing.paired`: the median of the per-round ratios alternative / adm
+(> 1: adm is faster) over the rounds where neither side took over 1.25x its best, their
+min-max, the median over all rounds and the disturbed count; and each side's median time.
 
 Float32 and NCHW, as `adm train` runs on the CPU; the shapes are the 33m config's (the released
 64x64 model at 64 base channels) at batch 4, or tiny ones with `--quick`:
@@ -173,20 +173,7 @@ def measure(case: Case, repeats: int) -> dict[str, object]:
     row: dict[str, object] = {"adm_ms": 1e3 * statistics.median(ours.times)}
     for name in case.others:
         theirs = timed[name]
-        ratios = [b / a for a, b in zip(ours.times, theirs.times, strict=True)]
-        clean = [
-            r
-            for r, d1, d2 in zip(ratios, ours.disturbed, theirs.disturbed, strict=True)
-            if not (d1 or d2)
-        ]
-        row[name] = {
-            "ms": 1e3 * statistics.median(theirs.times),
-            "ratio": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-            "undisturbed_ratio": statistics.median(clean) if clean else None,
-            "disturbed": len(ratios) - len(clean),
-        }
+        row[name] = {"ms": 1e3 * statistics.median(theirs.times)} | timing.paired(ours, theirs)
     return row
 
 
@@ -205,11 +192,10 @@ def run(quick: bool, repeats: int, device: str = "cpu") -> tuple[str, dict[str, 
         for name in case.others:
             r = row[name]
             assert isinstance(r, dict)
-            clean = r["undisturbed_ratio"]
             lines.append(
                 f"  {name:18s} {r['ms']:8.2f} ms  {name}/adm {r['ratio']:.2f}x "
-                f"({r['min']:.2f}-{r['max']:.2f}; undisturbed "
-                f"{'-' if clean is None else f'{clean:.2f}x'}, {r['disturbed']} disturbed)"
+                f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f} over the undisturbed rounds; all "
+                f"rounds {r['ratio_all_pairs']:.2f}x, {r['disturbed']}/{r['pairs']} disturbed)"
             )
     return "\n".join(lines), rows
 

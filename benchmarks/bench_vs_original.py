@@ -362,29 +362,11 @@ def memory_pair(m: Measure, args: argparse.Namespace, pairs: Pairs) -> dict[str,
 
 
 def summarise(t: dict[str, timing.Timings]) -> dict:
-    """Median ratio original/adm over the pairs where neither side was disturbed (all pairs when
-    every pair was), its min-max and quartiles, and the medians of the times."""
-    a, o = t["adm"], t["original"]
-    bad = [x or y for x, y in zip(a.disturbed, o.disturbed, strict=True)]
-    keep = [i for i, b in enumerate(bad) if not b] or list(range(len(bad)))
-    ratios = [o.times[i] / a.times[i] for i in keep]
-    all_ratios = [ot / at for at, ot in zip(a.times, o.times, strict=True)]
-    cpu_ratios = [oc / ac for ac, oc in zip(a.cpu, o.cpu, strict=True)]
-    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-    return {
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "ratio_iqr": [q[0], q[-1]],
-        "disturbed": sum(bad),
-        "pairs": len(bad),
-        "ratio_all_pairs": statistics.median(all_ratios),
-        "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
-        "adm_s": statistics.median(a.times[i] for i in keep),
-        "original_s": statistics.median(o.times[i] for i in keep),
-        "adm_times": a.times,
-        "original_times": o.times,
-    }
+    """`timing.paired` of adm against the original (ratio original/adm over the undisturbed
+    pairs, its spread, the medians of the times), with every pair's times."""
+    s = timing.paired(t["adm"], t["original"])
+    s["adm_s"], s["original_s"] = s.pop("ours_s"), s.pop("theirs_s")
+    return s | {"adm_times": t["adm"].times, "original_times": t["original"].times}
 
 
 def run_measure(m: Measure, args: argparse.Namespace, pairs: Pairs) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,31 @@ def interleaved(
                 times[name].append(elapsed)
                 cpu[name].append(time.process_time() - start)
     return {name: Timings(times[name], cpu[name]) for name in calls}
+
+
+def paired(ours: Timings, theirs: Timings) -> dict:
+    """Per-pair ratios theirs / ours (> 1: ours is faster) of two `interleaved` Timings: their
+    median over the pairs where neither side was disturbed (all pairs when every pair was), its
+    min-max and quartiles, the disturbed count, the median over all pairs and of the CPU-time
+    ratios, and each side's median time over the kept pairs."""
+    bad = [x or y for x, y in zip(ours.disturbed, theirs.disturbed, strict=True)]
+    keep = [i for i, b in enumerate(bad) if not b] or list(range(len(bad)))
+    ratios = [theirs.times[i] / ours.times[i] for i in keep]
+    all_ratios = [t / o for o, t in zip(ours.times, theirs.times, strict=True)]
+    cpu_ratios = [t / o for o, t in zip(ours.cpu, theirs.cpu, strict=True)]
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "ratio_iqr": [q[0], q[-1]],
+        "disturbed": sum(bad),
+        "pairs": len(bad),
+        "ratio_all_pairs": statistics.median(all_ratios),
+        "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
+        "ours_s": statistics.median(ours.times[i] for i in keep),
+        "theirs_s": statistics.median(theirs.times[i] for i in keep),
+    }
 
 
 def machine() -> dict[str, object]:

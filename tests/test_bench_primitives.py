@@ -26,7 +26,8 @@ def test_quick_run_reports_every_case_and_alternative(tmp_path, capsys):
         row = report["cases"][case.name]
         assert row["agreement"] <= 1e-4 and row["adm_ms"] > 0
         for other in case.others:
-            assert row[other]["ratio"] > 0 and row[other]["min"] <= row[other]["max"]
+            r = row[other]
+            assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["pairs"] == 2
             assert f"{other}/adm" in printed
 
 
@@ -45,10 +46,25 @@ def test_a_primitive_that_disagrees_is_refused_before_timing():
         bench.check(case)
 
 
-@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"]])
-def test_bad_values_are_one_line_errors(argv, capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
+    ],
+)
+def test_bad_values_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--quick", *argv])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "must be at least 1" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only machine")
+def test_cuda_without_a_device_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quick", "--device", "cuda"])
+    assert exit_.value.code == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
