@@ -16,7 +16,12 @@ Float32 and NCHW, as `adm train` runs on the CPU; the shapes are the 33m config'
 - `upsample`: `upsample_nearest2x` against `F.interpolate(mode="nearest")`;
 - `qkv`: `pointwise` on an NCHW block's tokens (a strided view) against a linear layer on the
   same tokens and against the original's `Conv1d` on [N, C, L];
-- `skip`: `Conv1x1` (a ResBlock's skip projection) against `F.conv2d`.
+- `norm_qkv`: an attention block's GroupNorm and `qkv` on an NCHW activation, where the
+  projection's backward hands the norm's backward its gradient: `pointwise` (`_Pointwise`, which
+  returns it in NCHW) against the same batched matmul through autograd (which returns it
+  transposed), a linear layer, and the original's `Conv1d`;
+- `skip`: `Conv1x1` (a ResBlock's skip projection) against `F.conv2d`;
+- `avgpool`: `avg_pool2x` (a down-sampling ResBlock's pooling) against `F.avg_pool2d`.
 
     python benchmarks/bench_primitives.py --threads 2            # the 33m shapes
     python benchmarks/bench_primitives.py --quick --repeats 3     # tiny shapes, a smoke run
@@ -42,7 +47,7 @@ import timing
 import torch.nn.functional as F
 from torch import Tensor
 
-from adm.nets.nn import Conv1x1, normalization, pointwise, upsample_nearest2x
+from adm.nets.nn import Conv1x1, avg_pool2x, normalization, pointwise, upsample_nearest2x
 
 Fn = Callable[[Sequence[Tensor]], Tensor]
 
@@ -119,6 +124,30 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
             layout=lambda out: out.transpose(1, 2) if out.shape[1] == 3 * c else out,
         )
     )
+    attn_norm = normalization(c).to(device)
+
+    def tokens(t: Sequence[Tensor]) -> Tensor:  # the block's normalised tokens, [N, L, C]
+        return attn_norm(t[0]).flatten(2).transpose(1, 2)
+
+    def autograd_bmm(t: Sequence[Tensor]) -> Tensor:
+        wt = qkv.weight[..., 0].t().expand(n, -1, -1)
+        return torch.baddbmm(qkv.bias, tokens(t), wt)
+
+    found.append(
+        Case(
+            "norm_qkv",
+            f"{[n, c, side, side]} -> {3 * c}",
+            [_leaf(n, c, side, side)],
+            list(attn_norm.parameters()) + list(qkv.parameters()),
+            lambda t: pointwise(tokens(t), qkv),
+            {
+                "bmm (autograd)": autograd_bmm,
+                "linear": lambda t: F.linear(tokens(t), qkv.weight[..., 0], qkv.bias),
+                "conv1d (original)": lambda t: qkv(attn_norm(t[0]).flatten(2)),
+            },
+            layout=lambda out: out.transpose(1, 2) if out.shape[1] == 3 * c else out,
+        )
+    )
     skip_in = 96 if quick else 192
     skip = Conv1x1(skip_in, out).to(device)
     found.append(
@@ -129,6 +158,16 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
             list(skip.parameters()),
             lambda t: skip(t[0]),
             {"conv2d": lambda t: F.conv2d(t[0], skip.weight, skip.bias)},
+        )
+    )
+    found.append(
+        Case(
+            "avgpool",
+            str(list(big)),
+            [_leaf(*big)],
+            [],
+            lambda t: avg_pool2x(t[0]),
+            {"avg_pool2d": lambda t: F.avg_pool2d(t[0], 2)},
         )
     )
     return found

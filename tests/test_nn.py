@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from adm.nets.nn import (
     Conv1x1,
     GroupNorm32,
+    avg_pool2x,
     normalization,
     pointwise,
     qkv_attention,
@@ -271,6 +272,58 @@ def test_pointwise_is_the_conv1d(batch: int, bias: bool) -> None:
         ref = [b.grad.transpose(1, 2)] + [p.grad for p in conv.parameters()]
         for u, v in zip(ours, ref, strict=True):
             torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [True, False])  # an NCHW activation's tokens; dense
+def test_pointwise_gradients_keep_their_inputs_layout(transposed: bool) -> None:
+    """In training (batch > 1 on the CPU) the tokens' gradient comes back in the tokens' own
+    strides, so an NCHW producer gets an NCHW gradient, and the weight's gradient in the
+    parameter's layout; second derivatives work (float64 gradcheck and gradgradcheck)."""
+    conv = torch.nn.Conv1d(5, 6, 1).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)  # [B, C, L]
+    tokens = x.transpose(1, 2) if transposed else x.transpose(1, 2).contiguous()
+    out = pointwise(tokens, conv)
+    d_tokens, d_weight = torch.autograd.grad(out, (tokens, conv.weight), torch.randn_like(out))
+    assert d_tokens.stride() == tokens.stride()
+    assert d_weight.is_contiguous() and d_weight.shape == conv.weight.shape
+
+    def f(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        c = torch.nn.Conv1d(5, 6, 1).double()
+        del c.weight, c.bias
+        c.weight, c.bias = w, b
+        return pointwise(t.transpose(1, 2) if transposed else t, c)
+
+    t = x.detach().requires_grad_() if transposed else tokens.detach().requires_grad_()
+    w = conv.weight.detach().requires_grad_()
+    b = conv.bias.detach().requires_grad_()
+    assert torch.autograd.gradcheck(f, (t, w, b))
+    assert torch.autograd.gradgradcheck(f, (t, w, b))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,  # NCHW, even sides: the pairwise adds
+        lambda x: x.to(memory_format=torch.channels_last),  # avg_pool2d
+        lambda x: x[:, :, :, :7],  # an odd side (strided too): avg_pool2d
+    ],
+)
+def test_avg_pool2x_is_avg_pool2d(make) -> None:
+    """The values and gradient of `F.avg_pool2d(x, 2)` up to float32 rounding (the four terms
+    add in another order), for any layout and a non-contiguous incoming gradient."""
+    x = make(torch.randn(2, 3, 6, 8))
+    ref = torch.nn.functional.avg_pool2d(x, 2)
+    out = avg_pool2x(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(2, 3, 3, ref.shape[3] * 2)[..., ::2]  # strided, as a slice's gradient
+    a, b = x.detach().requires_grad_(), x.detach().requires_grad_()
+    torch.nn.functional.avg_pool2d(a, 2).backward(grad)
+    avg_pool2x(b).backward(grad)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6)
+    x64 = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(avg_pool2x, (x64,))
+    assert torch.autograd.gradgradcheck(avg_pool2x, (x64,))
 
 
 @pytest.mark.parametrize(

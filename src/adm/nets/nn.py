@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "Conv1x1",
     "GroupNorm32",
+    "avg_pool2x",
     "norm_silu",
     "normalization",
     "pointwise",
@@ -239,18 +240,57 @@ def pointwise(tokens: Tensor, conv: nn.Conv1d) -> Tensor:
     matmul reads it through a view. `tokens` may be a transposed view of a [B, C_in, L] tensor
     (the tokens of an NCHW activation). A linear layer would copy such tokens to fold the batch
     into rows, and copy a transposed incoming gradient in backward; so when autograd records a
-    batch on the CPU (training), this is a batched matmul, which reads both strides as they are:
-    fwd + bwd of the 32x32 `qkv` at batch 4, 14.0 ms against 20.6 ms. Inference keeps the one
-    linear layer (no faster as a batched matmul).
+    batch on the CPU (training), this is `_Pointwise`, batched matmuls that read both strides as
+    they are and return each gradient in its input's layout. Inference keeps the one linear
+    layer (no faster as a batched matmul).
     """
     weight = conv.weight.squeeze(-1)  # [C_out, C_in]
     recorded = torch.is_grad_enabled() and (tokens.requires_grad or weight.requires_grad)
     if recorded and tokens.device.type == "cpu" and tokens.dim() == 3 and tokens.shape[0] > 1:
-        batched = weight.t().expand(tokens.shape[0], -1, -1)  # [B, C_in, C_out], not copied
-        if conv.bias is None:
-            return torch.bmm(tokens, batched)
-        return torch.baddbmm(conv.bias, tokens, batched)
+        return _Pointwise.apply(tokens, weight, conv.bias)
     return F.linear(tokens, weight, conv.bias)
+
+
+class _Pointwise(torch.autograd.Function):
+    """`tokens @ weight.t() + bias` for tokens [B, L, C_in] as batched matmuls, with gradients
+    laid out like their inputs.
+
+    Autograd through `torch.bmm` returns the tokens' gradient as [B, L, C_in]; for the tokens of
+    an NCHW activation (a transposed view of [B, C_in, L]) that is a transposed gradient, which
+    the GroupNorm backward before it copies to NCHW; and its weight gradient comes out
+    transposed, which the optimiser's accumulation copies to the parameter's layout. Here the
+    tokens' gradient is computed in their physical layout and the weight's as [C_out, C_in]. At
+    the 32x32 `qkv` (batch 4, 128 -> 384 channels) the tokens' gradient took 5.4 ms against
+    6.8 ms for the matmul and the copy; the norm + `qkv` fwd + bwd 1.055x faster
+    (`bench_primitives.py`, case `norm_qkv`). The backward is made of differentiable ops, so
+    second derivatives work.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(tokens, weight)
+        ctx.has_bias = bias is not None
+        batched = weight.t().expand(tokens.shape[0], -1, -1)  # [B, C_in, C_out], not copied
+        if bias is None:
+            return torch.bmm(tokens, batched)
+        return torch.baddbmm(bias, tokens, batched)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        tokens, weight = ctx.saved_tensors
+        batch = tokens.shape[0]
+        d_tokens = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            if tokens.stride(1) == 1 and tokens.stride(2) != 1:  # a view of [B, C_in, L]
+                wt = weight.t().expand(batch, -1, -1)  # [B, C_in, C_out]
+                d_tokens = torch.bmm(wt, grad.transpose(1, 2)).transpose(1, 2)
+            else:
+                d_tokens = torch.bmm(grad, weight.expand(batch, -1, -1))  # [B, L, C_in]
+        if ctx.needs_input_grad[1]:
+            d_weight = torch.bmm(grad.transpose(1, 2), tokens).sum(0)  # [C_out, C_in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = grad.sum((0, 1))
+        return d_tokens, d_weight, d_bias
 
 
 class Conv1x1(nn.Conv2d):
@@ -348,3 +388,34 @@ def upsample_nearest2x(x: Tensor) -> Tensor:
     if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
         return _NearestUp2x.apply(x)
     return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class _AvgPool2x(torch.autograd.Function):
+    """2x2 average pooling (stride 2) of a contiguous (NCHW) tensor with even sides, as pairwise
+    adds.
+
+    On the CPU, `F.avg_pool2d` forward + backward took 5.8 ms for [4, 64, 64, 64] and 3.1 ms for
+    [4, 128, 32, 32]; adding row pairs, then column pairs (and the backward as
+    `_NearestUp2x`'s broadcast copies of the quartered gradient) took 3.6 and 2.1 ms. The values
+    agree to float32 rounding (the four terms are summed in another order).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        pairs = x.view(n, c, h // 2, 2, w)
+        rows = torch.add(pairs[:, :, :, 0], pairs[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
+        return torch.add(rows[..., 0], rows[..., 1]).mul_(0.25)  # [N, C, H/2, W/2]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return _NearestUp2x.apply(grad * 0.25)  # each input pixel gets a quarter of its block's
+
+
+def avg_pool2x(x: Tensor) -> Tensor:
+    """`F.avg_pool2d(x, 2)` for x [N, C, H, W]: faster on the CPU in NCHW with even H and W
+    (`_AvgPool2x`); other layouts, odd sides and other devices call `avg_pool2d`."""
+    even = x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+    if even and x.device.type == "cpu" and x.is_contiguous():
+        return _AvgPool2x.apply(x)
+    return F.avg_pool2d(x, 2)
