@@ -20,8 +20,7 @@ Float32 and NCHW, as `adm train` runs on the CPU; the shapes are the 33m config'
   projection's backward hands the norm's backward its gradient: `pointwise` (`_Pointwise`, which
   returns it in NCHW) against the same batched matmul through autograd (which returns it
   transposed), a linear layer, and the original's `Conv1d`;
-- `skip`: `Conv1x1` (a ResBlock's skip projection) against `F.conv2d`;
-- `avgpool`: `avg_pool2x` (a down-sampling ResBlock's pooling) against `F.avg_pool2d`.
+- `skip`: `Conv1x1` (a ResBlock's skip projection) against `F.conv2d`.
 
     python benchmarks/bench_primitives.py --threads 2            # the 33m shapes
     python benchmarks/bench_primitives.py --quick --repeats 3     # tiny shapes, a smoke run
@@ -47,7 +46,7 @@ import timing
 import torch.nn.functional as F
 from torch import Tensor
 
-from adm.nets.nn import Conv1x1, avg_pool2x, normalization, pointwise, upsample_nearest2x
+from adm.nets.nn import Conv1x1, normalization, pointwise, upsample_nearest2x
 
 Fn = Callable[[Sequence[Tensor]], Tensor]
 
@@ -158,16 +157,6 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
             list(skip.parameters()),
             lambda t: skip(t[0]),
             {"conv2d": lambda t: F.conv2d(t[0], skip.weight, skip.bias)},
-        )
-    )
-    found.append(
-        Case(
-            "avgpool",
-            str(list(big)),
-            [_leaf(*big)],
-            [],
-            lambda t: avg_pool2x(t[0]),
-            {"avg_pool2d": lambda t: F.avg_pool2d(t[0], 2)},
         )
     )
     return found

@@ -20,7 +20,7 @@ def test_quick_run_reports_every_case_and_alternative(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    names = {"norm_silu_adagn", "norm_silu", "upsample", "qkv", "norm_qkv", "skip", "avgpool"}
+    names = {"norm_silu_adagn", "norm_silu", "upsample", "qkv", "norm_qkv", "skip"}
     assert set(report["cases"]) == names
     for case in bench.cases(quick=True):
         row = report["cases"][case.name]

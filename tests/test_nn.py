@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from adm.nets.nn import (
     Conv1x1,
     GroupNorm32,
-    avg_pool2x,
     normalization,
     pointwise,
     qkv_attention,
@@ -298,32 +297,6 @@ def test_pointwise_gradients_keep_their_inputs_layout(transposed: bool) -> None:
     b = conv.bias.detach().requires_grad_()
     assert torch.autograd.gradcheck(f, (t, w, b))
     assert torch.autograd.gradgradcheck(f, (t, w, b))
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda x: x,  # NCHW, even sides: the pairwise adds
-        lambda x: x.to(memory_format=torch.channels_last),  # avg_pool2d
-        lambda x: x[:, :, :, :7],  # an odd side (strided too): avg_pool2d
-    ],
-)
-def test_avg_pool2x_is_avg_pool2d(make) -> None:
-    """The values and gradient of `F.avg_pool2d(x, 2)` up to float32 rounding (the four terms
-    add in another order), for any layout and a non-contiguous incoming gradient."""
-    x = make(torch.randn(2, 3, 6, 8))
-    ref = torch.nn.functional.avg_pool2d(x, 2)
-    out = avg_pool2x(x)
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    grad = torch.randn(2, 3, 3, ref.shape[3] * 2)[..., ::2]  # strided, as a slice's gradient
-    a, b = x.detach().requires_grad_(), x.detach().requires_grad_()
-    torch.nn.functional.avg_pool2d(a, 2).backward(grad)
-    avg_pool2x(b).backward(grad)
-    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6)
-    x64 = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(avg_pool2x, (x64,))
-    assert torch.autograd.gradgradcheck(avg_pool2x, (x64,))
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,6 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "Conv1x1",
     "GroupNorm32",
-    "avg_pool2x",
     "norm_silu",
     "normalization",
     "pointwise",
@@ -388,34 +387,3 @@ def upsample_nearest2x(x: Tensor) -> Tensor:
     if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
         return _NearestUp2x.apply(x)
     return F.interpolate(x, scale_factor=2, mode="nearest")
-
-
-class _AvgPool2x(torch.autograd.Function):
-    """2x2 average pooling (stride 2) of a contiguous (NCHW) tensor with even sides, as pairwise
-    adds.
-
-    On the CPU, `F.avg_pool2d` forward + backward took 5.8 ms for [4, 64, 64, 64] and 3.1 ms for
-    [4, 128, 32, 32]; adding row pairs, then column pairs (and the backward as
-    `_NearestUp2x`'s broadcast copies of the quartered gradient) took 3.6 and 2.1 ms. The values
-    agree to float32 rounding (the four terms are summed in another order).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        pairs = x.view(n, c, h // 2, 2, w)
-        rows = torch.add(pairs[:, :, :, 0], pairs[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
-        return torch.add(rows[..., 0], rows[..., 1]).mul_(0.25)  # [N, C, H/2, W/2]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return _NearestUp2x.apply(grad * 0.25)  # each input pixel gets a quarter of its block's
-
-
-def avg_pool2x(x: Tensor) -> Tensor:
-    """`F.avg_pool2d(x, 2)` for x [N, C, H, W]: faster on the CPU in NCHW with even H and W
-    (`_AvgPool2x`); other layouts, odd sides and other devices call `avg_pool2d`."""
-    even = x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
-    if even and x.device.type == "cpu" and x.is_contiguous():
-        return _AvgPool2x.apply(x)
-    return F.avg_pool2d(x, 2)

@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 
 from adm.nets.nn import (
     Conv1x1,
-    avg_pool2x,
     normalization,
     pointwise,
     timestep_embedding,
@@ -205,8 +204,6 @@ class Downsample(nn.Module):
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.op, nn.AvgPool2d):
-            return avg_pool2x(x)  # the same pooling, faster on the CPU in NCHW
         return self.op(x)  # [N, C_out, H/2, W/2]
 
 
