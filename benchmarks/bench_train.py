@@ -32,8 +32,10 @@ from adm.data import datasets as datalib
 from adm.models.presets import get_preset
 from adm.training.loop import DataSpec, RunSetup, TrainConfig, Trainer
 
-# Dense tensor-core peak (TFLOP/s) for bf16/fp16 from the vendors' datasheets (SXM parts).
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "V100": 125.0, "L40S": 362.0}
+# Dense tensor-core peak (TFLOP/s) for bf16/fp16 from the vendors' datasheets (SXM parts, and
+# the H100's PCIe and NVL cards). The first key found in the device's name wins.
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5, "H100": 989.4,
+               "A100": 312.0, "V100": 125.0, "L40S": 362.0}  # fmt: skip
 
 
 def _peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
