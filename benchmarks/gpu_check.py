@@ -3,15 +3,18 @@
 Sections, each in its own try (a failure is recorded and the rest go on), under one time budget:
 1. fp32 vs bf16 vs fp16 output agreement on the golden networks (tests/golden);
 2. ADM-256 guided DDIM-25 (256x256_diffusion + 256x256_classifier, random weights) img/s at batch
-   16: the original code in fp32 (when --original is given), adm fp32 eager, adm bf16 + SDPA, adm
-   bf16 + SDPA + torch.compile (the UNet; compile time reported separately);
+   16: the original code in fp32 (when --original is given), adm fp32 eager, adm bf16 + SDPA;
 3. forward MFU of ADM-256 in bf16: FLOPs by torch.utils.flop_counter, against the card's dense
    bf16 peak (benchmarks/bench_train.py's table);
 4. training img/s of the 64x64 config (adm's real train step, bf16) against the paper's 74.1 img/s
    per V100;
 5. benchmarks/bench_vs_original.py on the GPU, when the original code is present;
 6. benchmarks/bench_primitives.py on the GPU: adm's primitives (the fused norm + SiLU's NCHW path
-   included) against the plain PyTorch formulations, values and gradients checked, then timed.
+   included) against the plain PyTorch formulations, values and gradients checked, then timed;
+7. section 2's loop for adm bf16 + SDPA + torch.compile (the UNet; the first loop, compiling,
+   reported separately), last because compiling can take minutes.
+
+`--only 2,7` runs just those sections (e.g. to rerun one that failed or ran out of time).
 
 `--dry-run` runs every section on the CPU at tiny sizes (tiny presets, batch 2, DDIM-3) in a minute
 or two and writes to a scratch file instead of RESULTS.md.
@@ -378,14 +381,37 @@ def write(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+SECTIONS = 7
+
+
+def _parse_only(value: str | None, parser: argparse.ArgumentParser) -> set[int] | None:
+    """`--only 2,7` -> {2, 7}; None: every section. A bad value stops before any work."""
+    if value is None:
+        return None
+    try:
+        numbers = {int(part) for part in value.split(",")}
+    except ValueError:
+        numbers = set()
+    if not numbers or not numbers <= set(range(1, SECTIONS + 1)):
+        expected = f"section numbers 1-{SECTIONS} joined by commas"
+        parser.error(f"--only: expected {expected}, got {value!r}")
+    return numbers
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, a scratch output file")
     p.add_argument("--original", default=None, help="the original code (or $ADM_ORIGINAL)")
     p.add_argument("--out", default=None, help="where to write (RESULTS.md; dry run: a temp file)")
     p.add_argument("--budget", type=float, default=420.0, help="seconds for all sections")
+    p.add_argument(
+        "--only", default=None, metavar="N,N",
+        help="run only these sections, by number (1-7, as numbered in the report and in this "
+        "script's docstring), e.g. to rerun one that failed or ran out of time",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    only = _parse_only(args.only, p)
     if not args.dry_run and not torch.cuda.is_available():
         print(
             "gpu_check: no CUDA device visible; use --dry-run to check the script on the CPU",
@@ -417,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         ("guided DDIM sampling throughput, compiled", 300,
          lambda: sampling_throughput(device, sizes, budget, root, compiled=True)),
     ]  # fmt: skip
+    assert len(sections) == SECTIONS
+    numbered = [(n, *s) for n, s in enumerate(sections, 1) if only is None or n in only]
     if args.dry_run and not args.out:
         out.unlink(missing_ok=True)  # the scratch file holds one dry run
     write(out, header(device, args) + "\n\n" + note + "\n")
     failures = 0
-    for title, cap, section in sections:
+    for number, title, cap, section in numbered:
         start = time.perf_counter()
         try:
             with budget.limit(cap):
@@ -430,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             body = f"FAILED: {_one_line(err)}"
             traceback.print_exc()
-        text = f"**{title}** ({time.perf_counter() - start:.0f} s)\n\n{body}\n"
+        text = f"**{number}. {title}** ({time.perf_counter() - start:.0f} s)\n\n{body}\n"
         print(text, flush=True)
         write(out, text)  # at once: a run stopped later keeps what it measured
         _free(device)

@@ -231,6 +231,25 @@ def test_gpu_check_dry_run_completes(tmp_path):
         assert title in text
 
 
+def test_gpu_check_runs_only_the_sections_asked_for(tmp_path, capsys):
+    """`--only 1,6` (the golden agreement and the primitives: seconds on the CPU) writes just
+    those, numbered as in a full run; a bad list stops before any work, naming what it wants."""
+    import gpu_check
+
+    out = tmp_path / "dry.md"
+    assert gpu_check.main(["--dry-run", "--only", "1,6", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "**1. fp32 / bf16 / fp16 agreement" in text and "**6. primitives" in text
+    assert "**2." not in text and "FAILED" not in text and "--only 1,6" in text
+    for bad in ("8", "0,1", "x", ""):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            gpu_check.main(["--dry-run", "--only", bad, "--out", str(tmp_path / "bad.md")])
+        assert stop.value.code == 2
+        assert "--only: expected section numbers 1-7 joined by commas" in capsys.readouterr().err
+    assert not (tmp_path / "bad.md").exists()
+
+
 def test_saved_activations_counts_what_attention_checkpointing_drops():
     """The saved-tensor count is exact: recomputing attention in backward drops what the
     attention blocks keep, and nothing else; weights are never counted."""
