@@ -16,7 +16,7 @@ Sections, each in its own try (a failure is recorded and the rest go on), under 
 
 `--only 2,7` runs just those sections (e.g. to rerun one that failed or ran out of time).
 
-`--dry-run` runs every section on the CPU at tiny sizes (tiny presets, batch 2, DDIM-3) in a minute
+`--dry-run` runs every section on the CPU at tiny sizes (tiny presets, batch 2, DDIM-2) in a minute
 or two and writes to a scratch file instead of RESULTS.md.
 
     benchmarks/gpu_check.sh --original /path/to/guided-diffusion
@@ -63,6 +63,7 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 MARKER = "<!-- gpu_check.sh appends here -->"
 PAPER_V100_IMG_S = 74.1  # 64x64 model, images/s per V100 (Dhariwal & Nichol 2021, Table 7)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SECTIONS = 7  # as numbered in the docstring, the report and --only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,9 +380,6 @@ def write(path: Path, text: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text if old else text
     path.write_text(new)
-
-
-SECTIONS = 7
 
 
 def _parse_only(value: str | None, parser: argparse.ArgumentParser) -> set[int] | None:
