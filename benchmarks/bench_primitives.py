@@ -109,6 +109,10 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
     ]
     qkv = torch.nn.Conv1d(c, 3 * c, 1).to(device)
     length = side * side
+
+    def conv1d_as_tokens(out: Tensor) -> Tensor:  # the original's [N, 3C, L] -> adm's [N, L, 3C]
+        return out.transpose(1, 2) if out.shape[1] == 3 * c else out
+
     found.append(
         Case(
             "qkv",
@@ -120,7 +124,7 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                 "linear": lambda t: F.linear(t[0].transpose(1, 2), qkv.weight[..., 0], qkv.bias),
                 "conv1d (original)": lambda t: qkv(t[0]),
             },
-            layout=lambda out: out.transpose(1, 2) if out.shape[1] == 3 * c else out,
+            layout=conv1d_as_tokens,
         )
     )
     attn_norm = normalization(c).to(device)
@@ -144,7 +148,7 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                 "linear": lambda t: F.linear(tokens(t), qkv.weight[..., 0], qkv.bias),
                 "conv1d (original)": lambda t: qkv(attn_norm(t[0]).flatten(2)),
             },
-            layout=lambda out: out.transpose(1, 2) if out.shape[1] == 3 * c else out,
+            layout=conv1d_as_tokens,
         )
     )
     skip_in = 96 if quick else 192
