@@ -397,7 +397,8 @@ def _parse_only(value: str | None, parser: argparse.ArgumentParser) -> set[int] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # bench_vs_original's parser: a bad argument is one line and exit 2, not the usage block
+    p = bench_vs_original._Parser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, a scratch output file")
     p.add_argument("--original", default=None, help="the original code (or $ADM_ORIGINAL)")
     p.add_argument("--out", default=None, help="where to write (RESULTS.md; dry run: a temp file)")
